@@ -1,0 +1,100 @@
+"""Benchmark entry point: one suite per call, JSON results beside their anchors, a short table last.
+
+    python bench/run.py --suite cpu_decode            # writes bench/results/cpu_decode-<device>-<date>.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    from torchfx_eff.cost.devices import cpu_model
+
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_decode(args) -> list[dict]:
+    """SmolLM2-135M bf16 greedy decode tokens/s: eager, Inductor, torchfx_eff (int8 weight-only), same run."""
+    from torchfx_eff.demo import PROMPT, agreement, compare
+    from torchfx_eff.models import chat_prompt, load_smollm2
+
+    model, tok = load_smollm2(torch.bfloat16)
+    results = compare(model, chat_prompt(tok, PROMPT), args.tokens, repeats=args.repeats)
+    eager, inductor = results["eager"], results["inductor"]
+    rows = []
+    for name in ("eager", "inductor", "torchfx_eff"):
+        r = results[name]
+        prefix, frac = agreement(r["tokens"], eager["tokens"])
+        rows.append({"name": f"decode tok/s, {name}", "value": r["tok_per_s"], "unit": "tok/s",
+                     "anchor": "inductor", "anchor_value": inductor["tok_per_s"],
+                     "ratio": r["tok_per_s"] / inductor["tok_per_s"], "compile_s": r["compile_s"],
+                     "tokens_equal_to_eager": frac, "common_prefix": prefix})
+    rows[-1]["target_ratio"] = 1.5
+    summary = results["report"].summary()
+    before, after = results["report"].weight_bytes()
+    rows.append({"name": "rewrite summary", "value": summary, "weight_bytes": [before, after]})
+    return rows
+
+
+SUITES = {"cpu_decode": cpu_decode}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    rows = SUITES[args.suite](args)
+    result = {"suite": args.suite, "device": device(), "versions": versions(), "commit": commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
+    path = args.out / f"{args.suite}-{slug}-{result['date'][:10]}.json"
+    path.write_text(json.dumps(result, indent=1))
+
+    print(f"\n{args.suite} on {result['device']}, commit {result['commit'][:12]} -> {path}")
+    print(f"{'figure':<34} {'value':>10} {'anchor':>10} {'ratio':>7} {'target':>7}")
+    for r in rows:
+        if isinstance(r["value"], (int, float)):
+            target = f"{r['target_ratio']:.2f}" if "target_ratio" in r else ""
+            print(f"{r['name']:<34} {r['value']:>10.1f} {r['anchor_value']:>10.1f} {r['ratio']:>6.2f}x {target:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

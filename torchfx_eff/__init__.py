@@ -1,0 +1,13 @@
+"""torchfx_eff: a torch.compile backend that rewrites attention and linear sites into faster kernels,
+chosen per site by a cost model, checked numerically, and logged.
+
+    model = torch.compile(model, backend="torchfx_eff")
+    model(*inputs)
+    print(torchfx_eff.last_report())
+"""
+from .backend import Backend, backend
+from .config import Config
+from .report import Report, last_report, reset
+
+__all__ = ["Backend", "Config", "Report", "backend", "last_report", "reset"]
+__version__ = "0.1.0"

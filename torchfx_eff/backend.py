@@ -1,0 +1,203 @@
+"""The torch.compile entry point: normalize -> match -> candidates -> cost -> gate -> rewrite -> inner compile."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.fx as fx
+
+from . import cost, gate, kernels, passes, report
+from .config import Config
+from .report import SiteRecord
+from .rewrite import Rewriter
+
+log = logging.getLogger("torchfx_eff")
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, error: Exception):
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        super().__init__(f"stage {stage!r} failed: {type(error).__name__}: {first_line}")
+        self.stage = stage
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as e:
+        raise StageError(name, e) from e
+
+
+def _record(graph_id, site, status, reason="", cands=(), **kw) -> SiteRecord:
+    return SiteRecord(
+        graph_id=graph_id, kind=site.kind, status=status, op=site.op, location=site.location, reason=reason,
+        candidates=[rec for _, rec in cands],
+        dims={k: str(v) for k, v in getattr(site, "dims", {}).items()},
+        hints={k: site.size(k) for k in getattr(site, "dims", {})}, **kw,
+    )
+
+
+def _device_of(example_inputs) -> torch.device:
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    return next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+
+
+class Backend:
+    """A torch.compile backend: `torch.compile(model, backend=torchfx_eff.backend(Config(...)))`."""
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or Config.from_env()
+        for kind in ("attention", "linear"):
+            setting = self.config.family(kind)
+            unknown = set(setting) - set(kernels.names(kind)) if isinstance(setting, tuple) else set()
+            if unknown:
+                raise ValueError(f"Config.{kind} names unknown candidates {sorted(unknown)}; known: {kernels.names(kind)}")
+
+    def __repr__(self):
+        return f"torchfx_eff.backend({self.config})"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        graph_id = report.new_graph_id()
+        try:
+            rewritten, records = self.rewrite(gm, example_inputs, graph_id)
+        except StageError as e:
+            if self.config.strict:
+                raise
+            log.warning("torchfx_eff: graph %d left unoptimized: %s", graph_id, e)
+            rewritten = gm
+            records = [SiteRecord(graph_id, "graph", "fallback", "-", reason=str(e))]
+        report.add_graph(records, self.config.log)
+        return self.inner_compile(rewritten, gm, example_inputs, graph_id)
+
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int):
+        """A rewritten copy of gm (gm itself is never modified) and one record per site."""
+        config = self.config
+        with stage("normalize"):
+            work = fx.GraphModule(gm, _copy_graph(gm))
+            passes.normalize(work)
+            info = passes.GraphInfo(work, list(example_inputs))
+        with stage("match"):
+            found = [s for kind, match in passes.MATCHERS.items() for s in match(info)]
+        records, sites = [], []
+        for s in found:
+            if isinstance(s, passes.Miss):
+                records.append(SiteRecord(graph_id, s.kind, "missed", s.op, s.location, reason=s.reason))
+            elif config.family(s.kind) == "off":
+                records.append(_record(graph_id, s, "kept", f"Config.{s.kind}='off'"))
+            else:
+                sites.append(s)
+        with stage("cost"):
+            spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
+            plans = [(s, cost.candidates(s, spec, config)) for s in sites]
+        blocker = self._blocker(info)
+        todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]
+        with stage("capture"):
+            keep = {n for s, _ in todo for n in (s.node, *s.inputs())}
+            values = gate.capture(work, example_inputs, keep) if keep else {}
+        if config.calibrate and todo:
+            with stage("calibrate"):
+                self._calibrate(todo, values, spec)
+        rewriter = Rewriter(work)
+        decided = {id(s): (s, c) for s, c in todo}
+        for s, cands in plans:
+            if blocker:
+                records.append(_record(graph_id, s, "kept", blocker, cands, chosen="original"))
+            elif id(s) in decided:
+                records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter))
+            else:
+                records.append(_record(graph_id, s, "kept", _why_kept(cands), cands, chosen="original"))
+        with stage("rewrite"):
+            return rewriter.finish(), records
+
+    def _blocker(self, info: passes.GraphInfo) -> str | None:
+        """A reason that no site of this graph may be rewritten, if there is one."""
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in info.example_inputs):
+            return "autograd is on: rewrites are inference-only (run the model under torch.no_grad())"
+        if not info.has_real_inputs:
+            return "example inputs are fake tensors, so rewrites cannot be checked numerically"
+        return None
+
+    def _calibrate(self, todo, values, spec) -> None:
+        calibration = cost.Calibration()
+        for s, cands in todo:
+            for impl, rec in cands:
+                if not rec.applicable:
+                    continue
+                key = cost.site_key(spec.name, impl.name, s)
+                if calibration.get(key) is None:
+                    rep = impl.replace(s) if impl.replace else kernels.Replacement(s.node.target, s.node.args, s.node.kwargs)
+                    calibration.put(key, cost.seconds(lambda: gate.run_replacement(rep, values), s.device))
+                rec.measured_us = calibration.get(key) * 1e6
+        calibration.save()
+
+    def _gate_and_rewrite(self, graph_id, site, cands, values, rewriter: Rewriter) -> SiteRecord:
+        """Try the ranked candidates in order; the first that passes the gate replaces the site."""
+        failures = []
+        for impl, rec in cost.ranked(cands):
+            if impl.replace is None:
+                break
+            try:
+                with stage(f"replace:{impl.name}"):
+                    rep = impl.replace(site)
+                with stage(f"gate:{impl.name}"):
+                    db, why = gate.check(rep, values[site.node], values, self.config.accuracy)
+            except StageError as e:
+                if self.config.strict:
+                    raise
+                db, why = None, str(e)
+            if why is None:
+                with stage("rewrite"):
+                    rewriter.apply(site.node, rep, prefix=f"{site.kind}_{impl.name}")
+                reason = "; ".join(failures + [f"estimated fastest passing candidate (SQNR {db:.1f} dB)"])
+                return _record(graph_id, site, "rewritten", reason, cands, chosen=impl.name, sqnr_db=db,
+                               weight_bytes=rep.weight_bytes)
+            if self.config.strict:
+                raise RuntimeError(f"torchfx_eff: {impl.name} failed the numerics gate at {site.location}: {why}")
+            failures.append(f"{impl.name} failed the gate: {why}")
+        status = "fallback" if failures else "kept"
+        return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original")
+
+    def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, graph_id: int):
+        if self.config.inner == "eager":
+            return rewritten.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        try:
+            return compile_fx(rewritten, example_inputs)
+        except Exception as e:
+            if self.config.strict or rewritten is original:
+                raise
+            log.warning("torchfx_eff: Inductor failed on rewritten graph %d (%s); compiling the original", graph_id, e)
+            report.add_graph([SiteRecord(graph_id, "graph", "fallback", "-", reason=f"inner compile failed: {e}")])
+            return compile_fx(original, example_inputs)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
+
+
+def _why_kept(cands) -> str:
+    time_of = lambda r: r.measured_us if r.measured_us is not None else r.estimate_us
+    others = [r for i, r in cands if i.replace is not None and r.applicable and time_of(r) is not None]
+    if not others:
+        return "no applicable candidate"
+    best = min(others, key=time_of)
+    original = next(r for i, r in cands if i.replace is None)
+    return f"original ({time_of(original):.1f} us) not beaten by {1 / cost.MARGIN - 1:.0%}: best is {best.name} ({time_of(best):.1f} us)"
+
+
+def backend(config: Config | None = None) -> Backend:
+    """The compiler callable for torch.compile(..., backend=...)."""
+    return Backend(config)
+
+
+def default_backend(gm: fx.GraphModule, example_inputs: list):
+    """What backend="torchfx_eff" resolves to (the torch_dynamo_backends entry point): config from env."""
+    return Backend()(gm, example_inputs)

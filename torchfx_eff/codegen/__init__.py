@@ -1,0 +1,1 @@
+"""Generated Triton for fused prologues/epilogues (arrives with the Triton linear kernels)."""

@@ -1,0 +1,96 @@
+"""Validated, serializable configuration."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Union
+
+ACCURACY = ("lossless", "balanced", "aggressive")
+INNER = ("inductor", "eager")
+FAMILY_MODES = ("auto", "off")
+
+# A family field is "auto", "off", or a tuple of allowed candidate names.
+FamilyChoice = Union[str, tuple]
+
+
+def _choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"Config.{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _family(field: str, value) -> FamilyChoice:
+    if isinstance(value, str):
+        _choice(field, value, FAMILY_MODES)
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"Config.{field}={value!r} is not allowed; use 'auto', 'off' or a non-empty tuple of candidate names")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What torchfx_eff may rewrite and how hard it may try.
+
+    attention, linear: "auto" (cost model chooses), "off", or a tuple of allowed candidate names.
+    accuracy: per-site error budget, checked by the numerics gate.
+    inner: compiler for the rewritten graph.
+    calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
+    strict: raise instead of falling back when a stage fails or a rewrite fails its check.
+    log: path of a JSONL file that receives every compiled graph's records.
+    device: name of a device spec (see torchfx_eff.cost.devices.SPECS) to cost for instead of the detected one.
+    """
+
+    attention: FamilyChoice = "auto"
+    linear: FamilyChoice = "auto"
+    accuracy: str = "balanced"
+    inner: str = "inductor"
+    calibrate: bool = False
+    strict: bool = False
+    log: str | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
+        set_("attention", _family("attention", self.attention))
+        set_("linear", _family("linear", self.linear))
+        _choice("accuracy", self.accuracy, ACCURACY)
+        _choice("inner", self.inner, INNER)
+        for field in ("calibrate", "strict"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"Config.{field}={getattr(self, field)!r} is not allowed; use True or False")
+        if self.log is not None and not isinstance(self.log, (str, os.PathLike)):
+            raise ValueError(f"Config.log={self.log!r} is not allowed; use a file path or None")
+        if self.log is not None:
+            set_("log", os.fspath(self.log))
+        if self.device is not None:
+            from .cost.devices import SPECS
+
+            _choice("device", self.device, tuple(SPECS))
+
+    def family(self, kind: str) -> FamilyChoice:
+        """The setting that governs sites of `kind` ("auto" for kinds without a field)."""
+        return getattr(self, kind, "auto")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Config":
+        """Read TORCHFX_EFF_<FIELD> variables; tuples are comma-separated, booleans 1/0/true/false."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"TORCHFX_EFF_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name in ("calibrate", "strict"):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"TORCHFX_EFF_{f.name.upper()}={raw!r} is not allowed; use 1/0/true/false")
+                values[f.name] = raw.lower() in ("1", "true", "yes")
+            elif f.name in ("attention", "linear") and raw not in FAMILY_MODES:
+                values[f.name] = tuple(s.strip() for s in raw.split(",") if s.strip())
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values)

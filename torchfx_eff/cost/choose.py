@@ -1,0 +1,44 @@
+"""The chooser: list every candidate for a site with its estimate, and rank the applicable ones."""
+from __future__ import annotations
+
+from ..config import ACCURACY, Config
+from ..kernels import Implementation, implementations
+from ..report import CandidateRecord
+from .devices import DeviceSpec
+from .formulas import evaluate
+
+# A rewrite must be estimated (or measured) this much faster than the original to be chosen: estimates
+# are rough and every rewrite carries some risk.
+MARGIN = 0.95
+
+
+def _refusal(impl: Implementation, site, spec: DeviceSpec, config: Config) -> str | None:
+    setting = config.family(site.kind)
+    if impl.name != "original" and isinstance(setting, tuple) and impl.name not in setting:
+        return f"not in Config.{site.kind}={setting}"
+    if ACCURACY.index(config.accuracy) < ACCURACY.index(impl.accuracy):
+        return f"needs accuracy={impl.accuracy!r} or looser (Config.accuracy={config.accuracy!r})"
+    return impl.applicable(site, spec)
+
+
+def candidates(site, spec: DeviceSpec, config: Config) -> list[tuple[Implementation, CandidateRecord]]:
+    out = []
+    for impl in implementations(site.kind):
+        reason = _refusal(impl, site, spec, config)
+        try:
+            expr = impl.cost(site, spec)
+            estimate, formula = evaluate(expr, site.hints) * 1e6, str(expr)
+        except Exception as e:  # a formula that cannot be evaluated here still leaves the candidate listed
+            estimate, formula = None, f"cost failed: {type(e).__name__}: {e}"
+            reason = reason or formula
+        out.append((impl, CandidateRecord(impl.name, reason is None, reason, estimate, formula=formula)))
+    return out
+
+
+def ranked(cands: list[tuple[Implementation, CandidateRecord]]) -> list[tuple[Implementation, CandidateRecord]]:
+    """Applicable candidates that beat the original by MARGIN, fastest first, then the original."""
+    time_of = lambda rec: rec.measured_us if rec.measured_us is not None else rec.estimate_us
+    original = next(c for c in cands if c[0].replace is None)
+    limit = time_of(original[1]) * MARGIN
+    faster = [c for c in cands if c[1].applicable and c is not original and time_of(c[1]) is not None and time_of(c[1]) < limit]
+    return sorted(faster, key=lambda c: time_of(c[1])) + [original]

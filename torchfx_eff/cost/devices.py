@@ -1,0 +1,137 @@
+"""Device specs: the roofline numbers cost formulas are evaluated against."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir, read_json, write_json
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    type: str  # "cuda" | "cpu"
+    flops: dict[str, float]  # dense matmul FLOP/s by dtype name, as reached by the vendor GEMM
+    bandwidth: float  # bytes/s of a device-to-device copy (read + write)
+    launch_s: float  # fixed cost of one kernel launch or op dispatch
+    # kernel key -> (fraction of `flops`, fraction of `bandwidth`) that kernel reaches
+    efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def eff(self, kernel: str) -> tuple[float, float]:
+        return self.efficiency.get(kernel, (1.0, 1.0))
+
+    def matmul_flops(self, dtype: torch.dtype) -> float:
+        return self.flops.get(str(dtype).removeprefix("torch."), self.flops["float32"])
+
+
+# Hopper figures are this workplace's measurements (ANCHORS.md): GEMM 692-798 TFLOP/s bf16, copy 3.0 TB/s (H100)
+# and 4.3 TB/s (H200); SDPA flash 355, cuDNN 616, efficient 180 TFLOP/s; cuBLAS GEMV ~0.7 of copy bandwidth;
+# ATen's int8pack_mm on CUDA reaches only ~150 GB/s. A100 and L40S use vendor peaks scaled like Hopper's.
+_HOPPER_EFFICIENCY = {
+    "sdpa_flash": (0.50, 0.7), "sdpa_cudnn": (0.85, 0.7), "sdpa_efficient": (0.25, 0.7), "sdpa_math": (0.10, 0.2),
+    "dense_bfloat16": (1.0, 0.7), "dense_float16": (1.0, 0.7), "dense_float32": (1.0, 0.7), "int8pack": (0.2, 0.05),
+}
+
+
+def _gpu(name, bf16_flops, bandwidth, efficiency=_HOPPER_EFFICIENCY) -> DeviceSpec:
+    flops = {"bfloat16": bf16_flops, "float16": bf16_flops, "float32": bf16_flops / 2}  # fp32 runs as TF32
+    return DeviceSpec(name, "cuda", flops, bandwidth, launch_s=4e-6, efficiency=dict(efficiency))
+
+
+SPECS = {
+    "h100": lambda: _gpu("h100", 720e12, 3.0e12),
+    "h200": lambda: _gpu("h200", 720e12, 4.3e12),
+    "a100": lambda: _gpu("a100", 230e12, 1.7e12),
+    "l40s": lambda: _gpu("l40s", 260e12, 0.78e12),
+    "cuda": lambda: generic_cuda(torch.cuda.current_device()),
+    "cpu": lambda: measured_cpu(),
+}
+
+
+def generic_cuda(index: int) -> DeviceSpec:
+    """A CUDA device we have no table for: peaks estimated from its properties."""
+    p = torch.cuda.get_device_properties(index)
+    per_sm_per_clock = {8: 2048, 9: 4096}.get(p.major, 1024)  # dense bf16 FLOP per SM per cycle, by generation
+    clock_hz = getattr(p, "clock_rate", 1_500_000) * 1e3
+    bus_bits, mem_khz = getattr(p, "memory_bus_width", 0), getattr(p, "memory_clock_rate", 0)
+    bandwidth = 2 * mem_khz * 1e3 * bus_bits / 8 * 0.85 if bus_bits and mem_khz else 1e12
+    return _gpu(f"cuda:{p.name}", 0.75 * p.multi_processor_count * clock_hz * per_sm_per_clock, bandwidth)
+
+
+def detect(device: torch.device) -> DeviceSpec:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        known = next((k for k in ("h100", "h200", "a100", "l40s") if k in name), "cuda")
+        return SPECS[known]()
+    return measured_cpu()
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _seconds(fn, reps=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+_cpu_spec: DeviceSpec | None = None
+
+
+def measured_cpu() -> DeviceSpec:
+    """The host CPU, measured once by a microbenchmark (about a second) and cached on disk."""
+    global _cpu_spec
+    if _cpu_spec is not None:
+        return _cpu_spec
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    path = cache_dir() / "devices.json"
+    cached = read_json(path, {})
+    if key in cached:
+        d = cached[key]
+        d["efficiency"] = {k: tuple(v) for k, v in d["efficiency"].items()}
+        _cpu_spec = DeviceSpec(**d)
+        return _cpu_spec
+    _cpu_spec = _measure_cpu()
+    cached[key] = asdict(_cpu_spec)
+    write_json(path, cached)
+    return _cpu_spec
+
+
+@torch.no_grad()
+def _measure_cpu() -> DeviceSpec:
+    src, dst = torch.ones(16 * 2**20), torch.empty(16 * 2**20)  # 64 MiB each, beyond any last-level cache
+    bandwidth = 2 * src.nbytes / _seconds(lambda: dst.copy_(src))
+    tiny = torch.ones(1)
+    launch_s = _seconds(lambda: [tiny.add(1) for _ in range(100)]) / 100
+    flops, efficiency = {}, {}
+    n, k = 4096, 4096  # weights larger than a last-level cache, as a model's are
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        a, b = torch.randn(128, 1024, dtype=dtype), torch.randn(1024, 512, dtype=dtype)
+        flops[name] = 2 * 128 * 1024 * 512 / _seconds(lambda: a @ b, reps=3)
+        w, x = torch.randn(n, k, dtype=dtype), torch.randn(1, k, dtype=dtype)
+        efficiency[f"dense_{name}"] = (1.0, w.nbytes / _seconds(lambda: torch.nn.functional.linear(x, w)) / bandwidth)
+    # ATen int8 weight-only matmul with bf16 activations: bandwidth at M=1, compute at M=64
+    wq, s = torch.randint(-127, 127, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16)
+    x1, x64 = torch.randn(1, k, dtype=torch.bfloat16), torch.randn(64, k, dtype=torch.bfloat16)
+    gemv = wq.nbytes / _seconds(lambda: torch._weight_int8pack_mm(x1, wq, s)) / bandwidth
+    gemm = 2 * 64 * n * k / _seconds(lambda: torch._weight_int8pack_mm(x64, wq, s), reps=3) / flops["bfloat16"]
+    efficiency["int8pack"] = (gemm, gemv)
+    q = torch.randn(1, 8, 512, 64)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    efficiency["sdpa_cpu"] = (4 * 8 * 512 * 512 * 64 / _seconds(lambda: sdpa(q, q, q)) / flops["float32"], 1.0)
+    efficiency["elementwise"] = (1.0, 1.0)
+    return DeviceSpec(f"cpu:{cpu_model()}", "cpu", flops, bandwidth, launch_s, efficiency)

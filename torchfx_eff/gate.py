@@ -1,0 +1,110 @@
+"""Numerics gate: run each chosen rewrite on the real example inputs against the original subgraph."""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .kernels import Replacement
+
+# Per-site error budgets as SQNR of the site's output, in dB. "lossless" allows only rounding-level error,
+# which depends on the dtype the model computes in.
+LOSSLESS_DB = {torch.float64: 200.0, torch.float32: 100.0, torch.float16: 50.0, torch.bfloat16: 35.0}
+BUDGET_DB = {"balanced": 20.0, "aggressive": 8.0}
+
+
+def min_sqnr_db(accuracy: str, dtype: torch.dtype) -> float:
+    return LOSSLESS_DB.get(dtype, 35.0) if accuracy == "lossless" else BUDGET_DB[accuracy]
+
+
+def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """10·log10(|ref|² / |ref - actual|²), computed in fp64; inf when they are equal."""
+    ref, act = reference.detach().double(), actual.detach().double()
+    noise = (ref - act).square().sum().item()
+    signal = ref.square().sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutated(gm: fx.GraphModule) -> set[fx.Node]:
+    """Values the graph writes to in place (e.g. a static KV cache), and the values they are views of."""
+    mutated = set()
+    for node in gm.graph.nodes:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        schema = getattr(node.target, "_schema", None)
+        if (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or node.target in _INPLACE_OPERATORS \
+                or (schema is not None and schema.is_mutable):
+            stack = list(node.all_input_nodes[:1])
+            while stack:  # walk back through views (conservatively: through first inputs)
+                n = stack.pop()
+                mutated.add(n)
+                stack.extend(n.all_input_nodes[:1])
+    return mutated
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, keep: set[fx.Node], mutated: set[fx.Node]):
+        super().__init__(gm)
+        self.keep, self.mutated, self.values = keep, mutated, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.keep:  # a later in-place op must not change what we compare against
+            self.values[n] = out.clone() if n in self.mutated and isinstance(out, torch.Tensor) else out
+        return out
+
+
+def _concrete(x, clone: bool):
+    """A real value to run with: symbolic sizes (dynamic shapes) become their example values."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        if x.node.hint is None:
+            raise ValueError(f"symbolic input {x} has no example value")
+        return x.node.hint
+    return x.clone() if clone and isinstance(x, torch.Tensor) else x
+
+
+@torch.no_grad()
+def capture(gm: fx.GraphModule, example_inputs: list, keep: set[fx.Node]) -> dict[fx.Node, object]:
+    """Run the original graph once and keep the values of `keep`. Inputs it mutates are cloned first."""
+    mutated = _mutated(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [_concrete(x, clone=n in mutated) for n, x in zip(placeholders, example_inputs)]
+    recorder = _Recorder(gm, keep, mutated)
+    recorder.run(*args)
+    return recorder.values
+
+
+def resolve(arg, values: dict):
+    """A replacement argument with graph nodes swapped for their captured values."""
+    if isinstance(arg, fx.Node):
+        return values[arg]
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(resolve(a, values) for a in arg)
+    if isinstance(arg, dict):
+        return {k: resolve(v, values) for k, v in arg.items()}
+    return arg
+
+
+@torch.no_grad()
+def run_replacement(rep: Replacement, values: dict):
+    return rep.op(*resolve(rep.args, values), **resolve(rep.kwargs, values))
+
+
+def check(rep: Replacement, reference: torch.Tensor, values: dict, accuracy: str) -> tuple[float, str | None]:
+    """(SQNR in dB, None) if the replacement is within the budget, else (SQNR, why not)."""
+    out = run_replacement(rep, values)
+    if not isinstance(out, torch.Tensor) or out.shape != reference.shape or out.dtype != reference.dtype:
+        got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
+        return -math.inf, f"output {got} differs from the original's {(tuple(reference.shape), reference.dtype)}"
+    if not torch.equal(out.isfinite(), reference.isfinite()):
+        return -math.inf, "non-finite values where the original has none (or the reverse)"
+    finite = reference.isfinite()
+    db = sqnr_db(reference[finite], out[finite])
+    need = min_sqnr_db(accuracy, reference.dtype)
+    return db, None if db >= need else f"SQNR {db:.1f} dB below the {accuracy!r} budget of {need:.0f} dB"

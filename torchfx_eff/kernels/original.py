@@ -1,0 +1,8 @@
+"""`original`: keep the site's own computation. It is always applicable and is what the others must beat."""
+from ..cost import formulas
+from .registry import Implementation, register
+
+always = lambda site, spec: None
+
+register(Implementation("original", "linear", always, formulas.linear_dense, replace=None))
+register(Implementation("original", "attention", always, formulas.attention("sdpa_default"), replace=None))

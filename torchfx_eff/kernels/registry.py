@@ -1,0 +1,67 @@
+"""Implementations register here, next to their kernels; the pipeline asks by site kind."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+
+from ..config import ACCURACY
+
+
+@dataclass
+class Replacement:
+    """One call that computes a site's value: op(*args, **kwargs).
+
+    args may hold graph nodes (site inputs), tensors (constants packed at compile time, baked into the
+    graph as buffers) and plain Python values.
+    """
+
+    op: Callable
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    weight_bytes: tuple[int, int] | None = None  # (before, after) when weights are repacked
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    kind: str  # the site kind it replaces
+    applicable: Callable[[Any, Any], str | None]  # (site, device spec) -> None, or why not
+    cost: Callable[[Any, Any], sympy.Expr]  # (site, device spec) -> seconds
+    replace: Callable[[Any], Replacement] | None  # None: the original computation, left as is
+    accuracy: str = "lossless"  # the strictest Config.accuracy under which it may be chosen
+
+    def __post_init__(self):
+        if self.accuracy not in ACCURACY:
+            raise ValueError(f"Implementation.accuracy={self.accuracy!r}; choose one of {ACCURACY}")
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(impl: Implementation) -> Implementation:
+    family = _REGISTRY.setdefault(impl.kind, {})
+    if impl.name in family:
+        raise ValueError(f"{impl.kind} implementation {impl.name!r} is registered twice")
+    family[impl.name] = impl
+    return impl
+
+
+def implementations(kind: str) -> list[Implementation]:
+    return list(_REGISTRY.get(kind, {}).values())
+
+
+def names(kind: str) -> tuple[str, ...]:
+    return tuple(_REGISTRY.get(kind, {}))
+
+
+def needs_device(site, device_type: str) -> str | None:
+    return None if site.device.type == device_type else f"needs a {device_type} tensor, site is on {site.device.type}"
+
+
+def needs_dtype(site, dtypes: tuple[torch.dtype, ...]) -> str | None:
+    if site.dtype in dtypes:
+        return None
+    return f"dtype {site.dtype} not supported (needs one of {', '.join(str(d) for d in dtypes)})"

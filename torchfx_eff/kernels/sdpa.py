@@ -1,0 +1,69 @@
+"""PyTorch's SDPA backends as candidates: the same math, pinned to one kernel with sdpa_kernel()."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..cost import formulas
+from .registry import Implementation, Replacement, needs_device, needs_dtype, register
+
+BACKENDS = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_cpu": SDPBackend.FLASH_ATTENTION,  # the fused CPU kernel dispatches under the flash backend
+}
+_CUDA_CHECKS = {
+    "sdpa_flash": "can_use_flash_attention",
+    "sdpa_cudnn": "can_use_cudnn_attention",
+    "sdpa_efficient": "can_use_efficient_attention",
+}
+
+
+@torch.library.custom_op("torchfx_eff::sdpa", mutates_args=())
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+         scale: float | None, enable_gqa: bool, backend: str) -> torch.Tensor:
+    with sdpa_kernel(BACKENDS[backend]):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
+    return out.contiguous()  # backends differ in output strides; the fake promises contiguous
+
+
+@sdpa.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _cuda_applicable(name: str):
+    def applicable(site, spec) -> str | None:
+        if reason := needs_device(site, "cuda") or needs_dtype(site, (torch.float16, torch.bfloat16, torch.float32)):
+            return reason
+        q, k, v = (site.node.all_input_nodes[i].meta.get("example_value") for i in range(3))
+        mask = site.mask.meta.get("example_value") if site.mask is not None else None
+        params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, site.is_causal, site.enable_gqa)
+        with warnings.catch_warnings(record=True) as caught:  # debug=True explains a refusal as warnings
+            warnings.simplefilter("always")
+            ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, True)
+        return None if ok else "; ".join(str(w.message) for w in caught) or "refused by torch's SDPA checks"
+
+    return applicable
+
+
+def _cpu_applicable(site, spec) -> str | None:
+    return needs_device(site, "cpu") or needs_dtype(site, (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _replace(name: str):
+    def replace(site) -> Replacement:
+        return Replacement(torch.ops.torchfx_eff.sdpa.default,
+                           (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa, name))
+
+    return replace
+
+
+for _name in _CUDA_CHECKS:
+    register(Implementation(_name, "attention", _cuda_applicable(_name), formulas.attention(_name), _replace(_name)))
+register(Implementation("sdpa_cpu", "attention", _cpu_applicable, formulas.attention("sdpa_cpu"), _replace("sdpa_cpu")))

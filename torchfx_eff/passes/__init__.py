@@ -1,0 +1,10 @@
+"""Normalize and match: turn a Dynamo graph into typed sites (and the misses, with reasons)."""
+from . import attention, linear
+from .graph import GraphInfo
+from .normalize import normalize
+from .sites import AttentionSite, LinearSite, Miss, Site
+
+# One matcher per site family; each yields Site or Miss objects.
+MATCHERS = {"attention": attention.match, "linear": linear.match}
+
+__all__ = ["MATCHERS", "AttentionSite", "GraphInfo", "LinearSite", "Miss", "Site", "normalize"]

@@ -1,0 +1,83 @@
+"""What matchers need to know about a Dynamo graph: shapes, parameters, source locations."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx as fx
+
+
+def fake(node) -> torch.Tensor | None:
+    """The fake value Dynamo (or shape propagation) attached to a node."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def sym(size) -> sympy.Expr:
+    """A size as a sympy expression: the shape-env expression of a SymInt, or an integer."""
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def hints_of(sizes) -> dict[sympy.Symbol, int]:
+    """Example values of every symbol appearing in `sizes`, from their shape environment."""
+    hints = {}
+    for s in sizes:
+        if isinstance(s, torch.SymInt):
+            env = s.node.shape_env
+            var_to_val = getattr(env, "backed_var_to_val", None) or env.var_to_val  # renamed in torch 2.13
+            hints.update({v: int(var_to_val[v]) for v in s.node.expr.free_symbols})
+    return hints
+
+
+def location(node: fx.Node) -> str:
+    """file:line of the innermost user frame that produced the node."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
+
+
+@dataclass
+class GraphInfo:
+    """The graph with its real example inputs, as the backend received them."""
+
+    gm: fx.GraphModule
+    example_inputs: list
+    placeholder_values: dict[fx.Node, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.placeholder_values = dict(zip(placeholders, self.example_inputs))
+
+    def parameter(self, node) -> torch.Tensor | None:
+        """The real tensor behind a weight argument, if it is a parameter or a module attribute."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            value = self.placeholder_values.get(node)
+            return value if isinstance(value, torch.nn.Parameter) else None
+        if node.op == "get_attr":
+            value = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return value if isinstance(value, torch.Tensor) else None
+        return None
+
+    @property
+    def has_real_inputs(self) -> bool:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return not any(isinstance(v, torch.Tensor) and is_fake(v) for v in self.example_inputs)
+
+
+def bind(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """Positional and keyword arguments of a call, by parameter name."""
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def numel(sizes) -> sympy.Expr:
+    return sympy.Mul(*[sym(s) for s in sizes])

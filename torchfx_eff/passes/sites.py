@@ -1,0 +1,68 @@
+"""Typed sites: what a matcher found, in the terms the kernels and cost formulas use."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import sympy
+import torch
+import torch.fx as fx
+
+
+@dataclass
+class Site:
+    kind: ClassVar[str]
+    node: fx.Node  # the node whose value the rewrite replaces
+    op: str
+    location: str
+    dtype: torch.dtype
+    device: torch.device
+    dims: dict[str, sympy.Expr]  # named sizes over the graph's symbols
+    hints: dict[sympy.Symbol, int] = field(default_factory=dict)
+
+    def size(self, name: str) -> int:
+        """A named size at the example inputs."""
+        return int(self.dims[name].xreplace(self.hints))
+
+    def inputs(self) -> list[fx.Node]:
+        """Graph values the site reads (captured for the numerics gate)."""
+        return list(self.node.all_input_nodes)
+
+
+@dataclass
+class LinearSite(Site):
+    """y = x @ W^T + b with W a parameter; dims M (rows of x), N (out), K (in)."""
+
+    kind: ClassVar[str] = "linear"
+    x: fx.Node = None
+    weight: torch.Tensor = None  # the real parameter, as stored
+    weight_layout: str = "nk"  # "nk" for F.linear, "kn" for addmm/matmul (GPT-2 Conv1D)
+    bias: fx.Node | None = None
+
+    def weight_nk(self) -> torch.Tensor:
+        return self.weight if self.weight_layout == "nk" else self.weight.t()
+
+
+@dataclass
+class AttentionSite(Site):
+    """softmax(q k^T * scale + mask) v; dims B, H, Hkv, Lq, Lk, D, Dv."""
+
+    kind: ClassVar[str] = "attention"
+    q: fx.Node = None
+    k: fx.Node = None
+    v: fx.Node = None
+    mask: fx.Node | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+
+
+@dataclass
+class Miss:
+    """Something that looks like a site but that no matcher could take."""
+
+    kind: str
+    node: fx.Node
+    op: str
+    location: str
+    reason: str

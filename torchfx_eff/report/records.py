@@ -1,0 +1,104 @@
+"""The rewrite log: one record per site, readable as a table and as JSON."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+
+STATUSES = ("rewritten", "kept", "fallback", "missed")
+
+
+@dataclass
+class CandidateRecord:
+    name: str
+    applicable: bool
+    reason: str | None = None  # why it is not applicable
+    estimate_us: float | None = None  # cost model estimate at the example sizes
+    measured_us: float | None = None  # with Config.calibrate
+    formula: str | None = None  # the symbolic cost in seconds, over the graph's sizes
+
+
+@dataclass
+class SiteRecord:
+    graph_id: int
+    kind: str  # attention | linear | ...
+    status: str  # one of STATUSES
+    op: str  # the matched call, e.g. "linear" or "scaled_dot_product_attention"
+    location: str = ""  # user file:line from the node's stack trace
+    chosen: str | None = None
+    reason: str = ""
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    dims: dict[str, str] = field(default_factory=dict)  # symbolic size -> expression
+    hints: dict[str, int] = field(default_factory=dict)  # the example value of each size
+    sqnr_db: float | None = None  # numerics gate result of the chosen candidate
+    weight_bytes: tuple[int, int] | None = None  # (before, after) for rewrites that repack weights
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiteRecord":
+        d = dict(d)
+        d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates", [])]
+        if d.get("weight_bytes") is not None:
+            d["weight_bytes"] = tuple(d["weight_bytes"])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}" if x < 1000 else f"{x / 1000:.2f}ms")
+
+
+@dataclass
+class Report:
+    sites: list[SiteRecord] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts by kind, then by status."""
+        out: dict[str, dict[str, int]] = {}
+        for (kind, status), n in sorted(Counter((s.kind, s.status) for s in self.sites).items()):
+            out.setdefault(kind, {})[status] = n
+        return out
+
+    def to_json(self, **kw) -> str:
+        return json.dumps([s.to_dict() for s in self.sites], **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        return cls([SiteRecord.from_dict(d) for d in json.loads(text)])
+
+    @classmethod
+    def from_jsonl(cls, path) -> "Report":
+        with open(path) as f:
+            return cls([SiteRecord.from_dict(json.loads(line)) for line in f if line.strip()])
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """Total weight bytes (before, after) over the rewritten sites that repack weights."""
+        pairs = [s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "torchfx_eff: no sites recorded"
+        header = ("graph", "kind", "status", "chosen", "location", "shape", "candidates (est us)", "reason")
+        rows = []
+        for s in self.sites:
+            usable = [c for c in s.candidates if c.applicable]
+            cands = " ".join(f"{c.name}={_us(c.measured_us if c.measured_us is not None else c.estimate_us)}" for c in usable)
+            if len(usable) < len(s.candidates):
+                cands += f" (+{len(s.candidates) - len(usable)} n/a)"
+            shape = ",".join(f"{k}={v}" for k, v in s.hints.items())
+            where = os.path.basename(s.location)
+            rows.append((str(s.graph_id), s.kind, s.status, s.chosen or "-", where, shape, cands, s.reason))
+        widths = [min(max(len(r[i]) for r in rows + [header]), 60) for i in range(len(header) - 1)]
+        fmt = lambda r: "  ".join(c[:w].ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
+        lines = [fmt(header), fmt(tuple("-" * w for w in widths) + ("-" * 6,))]
+        lines += [fmt(r) for r in rows]
+        counts = "; ".join(f"{k}: " + ", ".join(f"{n} {st}" for st, n in v.items()) for k, v in self.summary().items())
+        lines.append(f"summary: {counts}")
+        before, after = self.weight_bytes()
+        if before:
+            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+        return "\n".join(lines)
