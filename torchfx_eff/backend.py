@@ -152,7 +152,7 @@ class Backend:
             if why is None:
                 with stage("rewrite"):
                     rewriter.apply(site.node, rep, prefix=f"{site.kind}_{impl.name}")
-                reason = "; ".join(failures + [f"estimated fastest passing candidate (SQNR {db:.1f} dB)"])
+                reason = "; ".join(failures + ["fastest candidate that passed the numerics gate"])
                 return _record(graph_id, site, "rewritten", reason, cands, chosen=impl.name, sqnr_db=db,
                                weight_bytes=rep.weight_bytes)
             if self.config.strict:

@@ -80,18 +80,23 @@ class Report:
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
 
     def __str__(self) -> str:
+        """A table with one row per group of identical sites (same graph, location, shape and decision)."""
         if not self.sites:
             return "torchfx_eff: no sites recorded"
-        header = ("graph", "kind", "status", "chosen", "location", "shape", "candidates (est us)", "reason")
-        rows = []
+        header = ("n", "graph", "kind", "status", "chosen", "location", "shape", "candidates (est us)", "SQNR dB", "reason")
+        groups: dict[tuple, list[SiteRecord]] = {}
         for s in self.sites:
             usable = [c for c in s.candidates if c.applicable]
             cands = " ".join(f"{c.name}={_us(c.measured_us if c.measured_us is not None else c.estimate_us)}" for c in usable)
             if len(usable) < len(s.candidates):
                 cands += f" (+{len(s.candidates) - len(usable)} n/a)"
             shape = ",".join(f"{k}={v}" for k, v in s.hints.items())
-            where = os.path.basename(s.location)
-            rows.append((str(s.graph_id), s.kind, s.status, s.chosen or "-", where, shape, cands, s.reason))
+            key = (str(s.graph_id), s.kind, s.status, s.chosen or "-", os.path.basename(s.location), shape, cands, s.reason)
+            groups.setdefault(key, []).append(s)
+        rows = []
+        for key, members in groups.items():
+            dbs = [m.sqnr_db for m in members if m.sqnr_db is not None]
+            rows.append((str(len(members)), *key[:-1], f"{min(dbs):.1f}" if dbs else "-", key[-1]))
         widths = [min(max(len(r[i]) for r in rows + [header]), 60) for i in range(len(header) - 1)]
         fmt = lambda r: "  ".join(c[:w].ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
         lines = [fmt(header), fmt(tuple("-" * w for w in widths) + ("-" * 6,))]

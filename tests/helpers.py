@@ -1,0 +1,118 @@
+"""Helpers shared by the tests: tiny random-init HF models, independent counters and fp64 references."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+import torchfx_eff
+
+VOCAB = 128
+
+# Tiny sizes: nothing is worth rewriting (fp32, small matrices).
+SMALL = {"hidden": 64, "inter": 128, "layers": 2, "heads": 4, "kv_heads": 2}
+# Decode-sized bf16 sizes where the int8 weight-only candidate beats the original by the cost model on CPU
+# (memory-bound matrices, K a multiple of 16).
+BIG = {"hidden": 256, "inter": 512, "layers": 2, "heads": 4, "kv_heads": 2}
+
+
+def make_model(family: str, sizes: dict = SMALL, dtype=torch.float32, attn: str = "sdpa") -> torch.nn.Module:
+    """A random-init model of `family` (llama, qwen2, gpt2, bert) built from a config; no downloads."""
+    import transformers as T
+
+    h, i, n, a, kv = sizes["hidden"], sizes["inter"], sizes["layers"], sizes["heads"], sizes["kv_heads"]
+    if family == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                                                 num_attention_heads=a, num_key_value_heads=kv, vocab_size=VOCAB,
+                                                 attn_implementation=attn))
+    elif family == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                                                 num_attention_heads=a, num_key_value_heads=kv, vocab_size=VOCAB,
+                                                 attn_implementation=attn))
+    elif family == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=h, n_inner=i, n_layer=n, n_head=a, vocab_size=VOCAB,
+                                               n_positions=64, bos_token_id=None, eos_token_id=None,
+                                               attn_implementation=attn))
+    elif family == "bert":
+        model = T.BertModel(T.BertConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
+                                         vocab_size=VOCAB, max_position_embeddings=64, attn_implementation=attn))
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def first_output(out) -> torch.Tensor:
+    """logits of a CausalLM output, last_hidden_state of an encoder output."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+@contextlib.contextmanager
+def count_calls(model: torch.nn.Module):
+    """Count, during an eager run, nn.Linear/Conv1D forward calls (hooks) and SDPA calls (a wrapped
+    torch.nn.functional.scaled_dot_product_attention). Yields a dict filled in as the model runs."""
+    counts = {"linear": 0, "attention": 0}
+
+    def hook(*_):
+        counts["linear"] += 1
+
+    real_sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        counts["attention"] += 1
+        return real_sdpa(*args, **kwargs)
+
+    handles = [m.register_forward_hook(hook) for m in linear_modules(model)]
+    F.scaled_dot_product_attention = counting_sdpa
+    try:
+        yield counts
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+        for h in handles:
+            h.remove()
+
+
+def sqnr_ref(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """SQNR in dB computed independently of the package: Python floats (fp64), element by element."""
+    ref = reference.detach().double().flatten().tolist()
+    act = actual.detach().double().flatten().tolist()
+    signal = math.fsum(r * r for r in ref)
+    noise = math.fsum((r - a) ** 2 for r, a in zip(ref, act))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def compiled(model, **config):
+    """torch.compile with the torchfx_eff backend; inner='eager' unless said otherwise."""
+    config.setdefault("inner", "eager")
+    return torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(**config)))
+
+
+def sites(kind: str | None = None, status: str | None = None, report=None):
+    report = report or torchfx_eff.last_report()
+    return [s for s in report.sites if (kind is None or s.kind == kind) and (status is None or s.status == status)]
+
+
+def matched(kind: str, report=None):
+    """Sites of `kind` a matcher took (every status except 'missed')."""
+    return [s for s in sites(kind, report=report) if s.status != "missed"]
+
+
+class LinearStack(torch.nn.Module):
+    """Two bf16-sized linears with a nonlinearity: the smallest model whose linears get rewritten on CPU."""
+
+    def __init__(self, k=256, n=512, bias=True):
+        super().__init__()
+        self.up = torch.nn.Linear(k, n, bias=bias)
+        self.down = torch.nn.Linear(n, k, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))

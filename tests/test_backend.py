@@ -1,0 +1,343 @@
+"""The backend end to end on tiny random-init HF models (no downloads)."""
+import pytest
+import torch
+from helpers import (
+    BIG,
+    SMALL,
+    LinearStack,
+    compiled,
+    count_calls,
+    first_output,
+    linear_modules,
+    make_model,
+    matched,
+    sites,
+    sqnr_ref,
+)
+
+import torchfx_eff
+from torchfx_eff.cost import MARGIN
+
+FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
+DECODE_TOKENS = [3, 17, 42, 64, 77, 99, 110, 127]  # single-token inputs: one compiled graph serves them all
+
+
+def _estimate(rec, name):
+    return next(c.estimate_us for c in rec.candidates if c.name == name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_sites_match_eager_calls_and_output_is_unchanged(family):
+    model = make_model(family, SMALL, torch.float32)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = first_output(model(ids))
+    assert counts["attention"] == 2 and counts["linear"] > 0  # sanity of the independent counters
+    with torch.no_grad():
+        out = first_output(compiled(model)(ids))
+    report = torchfx_eff.last_report()
+    assert len(matched("attention")) == counts["attention"], report
+    assert len(matched("linear")) == counts["linear"], report
+    assert sites(status="missed") == [] and sites("graph") == []
+    # tiny fp32 matrices: nothing is worth rewriting, so the model computes exactly what eager does
+    assert sites(status="rewritten") == [], report
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_decode_sites_match_eager_calls_and_output_is_close(family):
+    model = make_model(family, BIG, torch.bfloat16)
+    first = torch.tensor([[DECODE_TOKENS[0]]])
+    with torch.no_grad(), count_calls(model) as counts:
+        model(first)
+    assert counts["attention"] == BIG["layers"] and counts["linear"] > 0
+    cm = compiled(model)
+    agree = 0
+    with torch.no_grad():
+        for tok in DECODE_TOKENS:
+            ids = torch.tensor([[tok]])
+            ref, out = first_output(model(ids)), first_output(cm(ids))
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            # every site passed a 20 dB gate; the composition stays well within that on these models
+            assert sqnr_ref(ref, out) >= 20.0
+            if ref.dim() == 3 and ref.shape[-1] == 128:  # logits: greedy choice
+                agree += int(ref[0, -1].float().argmax() == out[0, -1].float().argmax())
+            else:
+                agree += int(torch.allclose(out.float(), ref.float(), rtol=0.1, atol=0.1))
+    assert agree >= len(DECODE_TOKENS) - 2, agree
+    report = torchfx_eff.last_report()
+    assert len({s.graph_id for s in report.sites}) == 1  # one graph for all single-token calls
+    assert len(matched("attention")) == counts["attention"], report
+    assert len(matched("linear")) == counts["linear"], report
+    assert sites(status="missed") == [] and sites("graph") == []
+
+
+def test_bf16_llama_decode_rewrites_follow_the_cost_model_and_pass_the_gate():
+    model = make_model("llama", BIG, torch.bfloat16)
+    with torch.no_grad():
+        compiled(model)(torch.tensor([[5]]))
+    linear = matched("linear")
+    rewritten = [s for s in linear if s.status == "rewritten"]
+    assert rewritten, torchfx_eff.last_report()  # decode-sized bf16 linears: int8 wins on CPU
+    weights = sorted(m.weight.nbytes for m in linear_modules(model))
+    for s in linear:
+        faster = _estimate(s, "int8_weight_only") < MARGIN * _estimate(s, "original")
+        # int8 passes the balanced gate easily here, so the decision is the cost model's alone
+        assert (s.status == "rewritten") == faster, s
+    for s in rewritten:
+        assert s.chosen == "int8_weight_only"
+        assert s.sqnr_db is not None and s.sqnr_db >= 20.0
+        before, after = s.weight_bytes
+        assert before == s.hints["N"] * s.hints["K"] * 2 and before in weights  # the bf16 weight it replaced
+        assert s.hints["N"] * s.hints["K"] <= after < before  # at least one byte per int8 weight, less than bf16
+    total_before, total_after = torchfx_eff.last_report().weight_bytes()
+    assert total_after < total_before
+
+
+def test_reported_sqnr_is_the_rewritten_sites_real_sqnr():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 256).to(torch.bfloat16)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model)(x)
+    [site] = sites("linear")
+    assert site.status == "rewritten", site
+    # the compiled model is only this site, so its output is the replacement's output on the same input
+    assert site.sqnr_db == pytest.approx(sqnr_ref(ref, out), abs=1e-6)
+    assert 20.0 <= site.sqnr_db < 80.0  # int8 is lossy, and within the balanced budget
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "package bug: GPT-2's Conv1D linears (addmm, weight layout [K, N]) all end as 'fallback': "
+    "int8_weight_only.replace quantizes site.weight_nk() == weight.t(), a non-contiguous view, so the int8 weight "
+    "is non-contiguous and _weight_int8pack_mm raises 'expect B to be contiguous' inside the gate"))
+def test_gpt2_conv1d_sites_are_rewritten_like_linear_sites():
+    model = make_model("gpt2", BIG, torch.bfloat16)
+    with torch.no_grad():
+        ref = model(torch.tensor([[5]])).logits
+        out = compiled(model)(torch.tensor([[5]])).logits
+    assert sqnr_ref(ref, out) >= 20.0
+    addmm = [s for s in matched("linear") if s.op == "addmm"]
+    assert addmm
+    assert [s for s in addmm if s.status == "fallback"] == [], [s.reason for s in addmm]
+    for s in addmm:
+        faster = _estimate(s, "int8_weight_only") < MARGIN * _estimate(s, "original")
+        assert (s.status == "rewritten") == faster, s
+
+
+def test_eager_attention_is_reported_missed_once_per_layer():
+    sizes = dict(SMALL, layers=3)
+    model = make_model("llama", sizes, torch.float32, attn="eager")
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = model(ids).logits
+    assert counts["attention"] == 0  # no SDPA call anywhere in eager attention
+    with torch.no_grad():
+        out = compiled(model)(ids).logits
+    missed = sites("attention", "missed")
+    assert len(missed) == sizes["layers"]
+    assert matched("attention") == []
+    for s in missed:
+        assert s.op == "softmax" and "eager attention" in s.reason and s.location
+    assert len(matched("linear")) == counts["linear"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lossless_accuracy_rewrites_no_linear():
+    model = make_model("llama", BIG, torch.bfloat16)
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = compiled(model, accuracy="lossless")(ids).logits
+    linear = matched("linear")
+    assert linear
+    for s in linear:
+        assert s.status == "kept" and s.chosen == "original"
+        int8 = next(c for c in s.candidates if c.name == "int8_weight_only")
+        assert not int8.applicable
+        assert "needs accuracy='balanced' or looser" in int8.reason
+    assert sites(status="rewritten") == []
+    assert torch.equal(out, ref)
+
+
+def test_linear_off_gives_no_rewrites():
+    model = make_model("llama", BIG, torch.bfloat16)
+    ids = torch.tensor([[5]])
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = model(ids).logits
+    with torch.no_grad():
+        out = compiled(model, linear="off")(ids).logits
+    linear = matched("linear")
+    assert len(linear) == counts["linear"]
+    assert all(s.status == "kept" and "Config.linear='off'" in s.reason for s in linear)
+    assert sites(status="rewritten") == []
+    assert len(matched("attention")) == counts["attention"]  # the other family is still matched
+    assert torch.equal(out, ref)
+
+
+def test_linear_tuple_without_int8_gives_no_rewrites():
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, linear=("original",))(x)
+    for s in matched("linear"):
+        assert s.status == "kept"
+        assert "not in Config.linear" in next(c.reason for c in s.candidates if c.name == "int8_weight_only")
+    assert torch.equal(out, ref)
+
+
+def test_autograd_blocks_rewrites():
+    model = make_model("llama", BIG, torch.bfloat16)
+    assert all(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([[5]])
+    ref = model(ids).logits
+    ref.float().square().sum().backward()
+    ref_grad = model.model.layers[0].mlp.down_proj.weight.grad.clone()
+    model.zero_grad()
+    out = compiled(model)(ids).logits
+    linear = matched("linear")
+    assert linear and sites(status="rewritten") == []
+    for s in linear:
+        assert s.status == "kept" and "autograd" in s.reason and "no_grad" in s.reason
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.float().square().sum().backward()  # the compiled model still trains
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight.grad, ref_grad)
+
+
+def test_graph_break_gives_two_graphs_each_matched():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(256, 512), torch.nn.Linear(512, 256)
+
+        def forward(self, x):
+            y = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(torch.relu(y))
+
+    model = Broken().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model)(x)
+    linear = matched("linear")
+    assert len(linear) == 2 and len({s.graph_id for s in linear}) == 2
+    assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_inductor_inner_compile_with_int8_rewrite():
+    """The one test on the default inner compiler: Inductor must accept the rewritten graph (custom op +
+    packed buffers) and compute what the rewrite computes."""
+    torch.manual_seed(0)
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out_eager_inner = compiled(model, inner="eager")(x)
+        decided = [(s.status, s.chosen) for s in matched("linear")]
+        torch._dynamo.reset()
+        torchfx_eff.reset()
+        out = compiled(model, inner="inductor")(x)
+    assert [(s.status, s.chosen) for s in matched("linear")] == decided
+    assert ("rewritten", "int8_weight_only") in decided
+    assert sites("graph") == []  # no fallback of the inner compile
+    assert sqnr_ref(ref, out) >= 20.0
+    # Inductor may fuse the gelu and cast differently, but it runs the same int8 kernels
+    torch.testing.assert_close(out, out_eager_inner, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "package bug/hazard: rewrites bake quantized copies of the parameters into the graph as buffers, but Dynamo "
+    "passes parameters as graph inputs and does not guard on their values, so after an in-place weight update "
+    "(load_state_dict, an optimizer step, weight.mul_) the compiled model silently keeps using the old weights"))
+def test_weight_update_after_compile_is_seen():
+    torch.manual_seed(0)
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    cm = compiled(model)
+    with torch.no_grad():
+        cm(x)
+        assert sites(status="rewritten")
+        for p in model.parameters():
+            p.mul_(-1.5)
+        ref, out = model(x), cm(x)
+    assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_chained_linears_are_all_rewritten():
+    """Each linear reads the previous one's output: the rewriter must wire replacements to replacements."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256), torch.nn.Linear(256, 256))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model)(x)
+    linear = matched("linear")
+    assert len(linear) == 3 and all(s.status == "rewritten" for s in linear), [s.reason for s in linear]
+    # independent reference: the same chain with each weight dequantized exactly as the int8 kernel sees it, fp64
+    from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+    h = x.double()
+    for lin in model:
+        q, s = quantize_per_channel(lin.weight)
+        h = h @ (q.double() * s.double()[:, None]).T + lin.bias.double()
+    assert sqnr_ref(h, out) >= 30.0  # only bf16 rounding of activations and outputs left
+    assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_attention_rewrite_on_cpu_when_sdpa_cpu_is_estimated_faster(spec_named):
+    from torchfx_eff.cost import DeviceSpec
+
+    fast_sdpa = spec_named("test_fast_sdpa_cpu", DeviceSpec(
+        "fast-sdpa", "cpu", {"float32": 1e11, "bfloat16": 1e11}, 1e10, 1e-6,
+        {"sdpa_cpu": (4.0, 4.0), "elementwise": (1.0, 1.0)}))
+    model = make_model("llama", SMALL, torch.float32)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = model(ids).logits
+    with torch.no_grad():
+        out = compiled(model, device=fast_sdpa)(ids).logits
+    attention = matched("attention")
+    assert len(attention) == counts["attention"]
+    for s in attention:
+        assert s.status == "rewritten" and s.chosen == "sdpa_cpu", s.reason
+        assert s.sqnr_db >= 100.0  # the same fp32 math through the fused CPU kernel: rounding-level differences
+        assert s.weight_bytes is None
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_measures_caches_and_decides_by_measurement(cache_dir, monkeypatch):
+    import json
+    import pathlib
+
+    from torchfx_eff import cost
+
+    torch.manual_seed(0)
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, calibrate=True)(x)
+    first = matched("linear")
+    assert len(first) == 2
+    measured = set()
+    for s in first:
+        recs = {c.name: c for c in s.candidates}
+        t_orig, t_int8 = recs["original"].measured_us, recs["int8_weight_only"].measured_us
+        assert t_orig > 0 and t_int8 > 0
+        measured |= {t_orig, t_int8}
+        assert (s.status == "rewritten") == (t_int8 < MARGIN * t_orig), (t_int8, t_orig, s.reason)
+    assert sqnr_ref(ref, out) >= 20.0
+    on_disk = json.loads((pathlib.Path(cache_dir) / "calibration.json").read_text())
+    assert all(any(abs(v * 1e6 - t) <= 1e-9 * t for v in on_disk.values()) for t in measured)
+    # a second compile of the same shapes reads the cache instead of timing again
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    monkeypatch.setattr(cost, "seconds", lambda *a, **k: pytest.fail("timed again despite the calibration cache"))
+    with torch.no_grad():
+        compiled(model, calibrate=True)(x)
+    second = matched("linear")
+    assert [[c.measured_us for c in s.candidates] for s in second] == [[c.measured_us for c in s.candidates] for s in first]
+    assert [s.status for s in second] == [s.status for s in first]
