@@ -108,10 +108,6 @@ def test_reported_sqnr_is_the_rewritten_sites_real_sqnr():
     assert 20.0 <= site.sqnr_db < 80.0  # int8 is lossy, and within the balanced budget
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: GPT-2's Conv1D linears (addmm, weight layout [K, N]) all end as 'fallback': "
-    "int8_weight_only.replace quantizes site.weight_nk() == weight.t(), a non-contiguous view, so the int8 weight "
-    "is non-contiguous and _weight_int8pack_mm raises 'expect B to be contiguous' inside the gate"))
 def test_gpt2_conv1d_sites_are_rewritten_like_linear_sites():
     model = make_model("gpt2", BIG, torch.bfloat16)
     with torch.no_grad():
@@ -248,10 +244,6 @@ def test_inductor_inner_compile_with_int8_rewrite():
     torch.testing.assert_close(out, out_eager_inner, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug/hazard: rewrites bake quantized copies of the parameters into the graph as buffers, but Dynamo "
-    "passes parameters as graph inputs and does not guard on their values, so after an in-place weight update "
-    "(load_state_dict, an optimizer step, weight.mul_) the compiled model silently keeps using the old weights"))
 def test_weight_update_after_compile_is_seen():
     torch.manual_seed(0)
     model = LinearStack().to(torch.bfloat16)
@@ -287,18 +279,22 @@ def test_chained_linears_are_all_rewritten():
     assert sqnr_ref(ref, out) >= 20.0
 
 
-def test_attention_rewrite_on_cpu_when_sdpa_cpu_is_estimated_faster(spec_named):
-    from torchfx_eff.cost import DeviceSpec
+def test_attention_rewrite_on_cpu_when_sdpa_cpu_is_estimated_faster(monkeypatch):
+    import dataclasses
 
-    fast_sdpa = spec_named("test_fast_sdpa_cpu", DeviceSpec(
-        "fast-sdpa", "cpu", {"float32": 1e11, "bfloat16": 1e11}, 1e10, 1e-6,
-        {"sdpa_cpu": (4.0, 4.0), "elementwise": (1.0, 1.0)}))
+    from torchfx_eff.kernels import registry
+
+    # On CPU the original SDPA call dispatches to the same fused kernel, so the two tie; make sdpa_cpu's
+    # estimate cheaper to drive the attention rewrite path end to end.
+    impl = registry._REGISTRY["attention"]["sdpa_cpu"]
+    monkeypatch.setitem(registry._REGISTRY["attention"], "sdpa_cpu",
+                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 4))
     model = make_model("llama", SMALL, torch.float32)
     ids = torch.randint(0, 128, (2, 8))
     with torch.no_grad(), count_calls(model) as counts:
         ref = model(ids).logits
     with torch.no_grad():
-        out = compiled(model, device=fast_sdpa)(ids).logits
+        out = compiled(model)(ids).logits
     attention = matched("attention")
     assert len(attention) == counts["attention"]
     for s in attention:

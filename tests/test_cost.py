@@ -238,11 +238,6 @@ def test_measured_cpu_spec_is_sane_and_cached_on_disk(tmp_path, monkeypatch):
     assert cost.detect(torch.device("cpu")) == spec
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: the original attention is costed with formulas.attention('sdpa_default'), but no DeviceSpec "
-    "(the Hopper table in cost/devices.py, measured_cpu) has an 'sdpa_default' efficiency, so DeviceSpec.eff "
-    "returns (1.0, 1.0): the original is estimated at 100% of peak FLOP/s and bandwidth, below every backend it "
-    "actually dispatches to, and no SDPA candidate can ever be estimated faster than it"))
 @pytest.mark.parametrize("spec_name", ["h100", "cpu"])
 def test_original_attention_is_not_estimated_below_the_kernels_it_dispatches_to(spec_name):
     torch._dynamo.reset()

@@ -193,10 +193,6 @@ def test_gate_failure_inside_check_falls_back_for_that_site(monkeypatch):
         compiled(model, strict=True)(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: Backend.rewrite calls cost.ranked() outside any stage; when the original's cost formula fails "
-    "its estimate is None and ranked() raises TypeError (None * MARGIN), so with strict=False the compile crashes "
-    "(BackendCompilerFailed) instead of falling back"))
 def test_original_cost_failure_does_not_crash_the_compile(monkeypatch):
     impl = registry._REGISTRY["linear"]["original"]
     monkeypatch.setitem(registry._REGISTRY["linear"], "original", dataclasses.replace(impl, cost=_raise))
@@ -254,10 +250,6 @@ def test_inner_compile_failure_with_strict_raises(flaky_inductor):
         compiled(LinearStack().to(torch.bfloat16), inner="inductor", strict=True)(torch.randn(1, 256, dtype=torch.bfloat16))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: when Inductor fails on the rewritten graph, Backend.inner_compile compiles the original but "
-    "leaves that graph's site records as 'rewritten' (with sqnr_db and weight_bytes), so the report and "
-    "Report.weight_bytes() claim rewrites that are not running"))
 def test_inner_compile_failure_leaves_no_site_reported_rewritten(flaky_inductor):
     with torch.no_grad():
         compiled(LinearStack().to(torch.bfloat16), inner="inductor")(torch.randn(1, 256, dtype=torch.bfloat16))
@@ -265,9 +257,6 @@ def test_inner_compile_failure_leaves_no_site_reported_rewritten(flaky_inductor)
     assert sites(status="rewritten") == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: Backend.inner_compile records the inner-compile fallback with report.add_graph([...]) without "
-    "passing self.config.log, so that record is in last_report() but missing from the JSONL log"))
 def test_inner_compile_failure_is_in_the_jsonl_log(flaky_inductor, tmp_path):
     log = tmp_path / "log.jsonl"
     with torch.no_grad():

@@ -100,17 +100,18 @@ def test_capture_does_not_mutate_the_callers_inputs():
     nodes = {n.name: n for n in gm.graph.nodes}
     x = torch.randn(3, 8)
     before = x.clone()
-    keep = {nodes["lin"], nodes["mul"]}
-    values = gate.capture(gm, [x], keep)
+    sites = {nodes["lin"], nodes["mul"]}
+    values = gate.capture(gm, [x], sites)
     assert torch.equal(x, before)  # the graph's add_ ran on a copy
     with torch.no_grad():
         expected_lin = model.lin(before + 1)
-    torch.testing.assert_close(values[nodes["lin"]], expected_lin, rtol=0, atol=0)
-    torch.testing.assert_close(values[nodes["mul"]], expected_lin * 2, rtol=0, atol=0)
-    assert set(values) == keep
+    assert set(values) == sites
+    torch.testing.assert_close(values[nodes["lin"]][nodes["x"]], before + 1, rtol=0, atol=0)  # as lin read it
+    torch.testing.assert_close(values[nodes["lin"]][nodes["lin"]], expected_lin, rtol=0, atol=0)
+    torch.testing.assert_close(values[nodes["mul"]][nodes["mul"]], expected_lin * 2, rtol=0, atol=0)
 
 
-def test_capture_of_a_non_mutating_graph_keeps_requested_values_only():
+def test_capture_keeps_each_sites_inputs_and_output_only():
     class F(torch.nn.Module):
         def forward(self, a, b):
             c = a @ b
@@ -119,10 +120,11 @@ def test_capture_of_a_non_mutating_graph_keeps_requested_values_only():
     gm = fx.symbolic_trace(F())
     nodes = {n.name: n for n in gm.graph.nodes}
     a, b = torch.randn(3, 4), torch.randn(4, 5)
-    values = gate.capture(gm, [a, b], {nodes["matmul"], nodes["a"]})
-    assert set(values) == {nodes["matmul"], nodes["a"]}
-    assert torch.equal(values[nodes["matmul"]], a @ b)
-    assert values[nodes["a"]] is a or torch.equal(values[nodes["a"]], a)
+    values = gate.capture(gm, [a, b], {nodes["matmul"]})
+    assert set(values) == {nodes["matmul"]}
+    assert set(values[nodes["matmul"]]) == {nodes["matmul"], nodes["a"], nodes["b"]}  # its inputs and output only
+    assert torch.equal(values[nodes["matmul"]][nodes["matmul"]], a @ b)
+    assert torch.equal(values[nodes["matmul"]][nodes["a"]], a)
 
 
 class MutateThenLinear(torch.nn.Module):
@@ -135,10 +137,6 @@ class MutateThenLinear(torch.nn.Module):
         return self.lin(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: gate.capture (_Recorder.run_node) clones a mutated value when it is produced, so a site that "
-    "reads a graph input *after* an in-place op (x.mul_(2); lin(x)) is gated against the pre-mutation input; the "
-    "int8 candidate then 'fails' at ~6 dB and the site falls back although the rewrite is fine"))
 def test_site_reading_an_input_mutated_earlier_is_gated_on_the_mutated_value():
     torch.manual_seed(0)
     model = MutateThenLinear().to(torch.bfloat16)
@@ -176,11 +174,6 @@ class NormThenLinear(torch.nn.Module):
         return self.lin(self.bn(x))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: gate._mutated only recognizes in-place ops by a trailing '_' in the name, operator.i*/setitem, "
-    "or an OpOverload schema; torch.nn.functional.batch_norm(training=True) updates running_mean/var in place "
-    "under none of these, so gate.capture runs it on the real buffers and one compiled call updates BatchNorm's "
-    "running statistics twice"))
 def test_capture_has_no_side_effect_on_module_buffers():
     torch.manual_seed(0)
     model = NormThenLinear().to(torch.bfloat16).train()

@@ -67,10 +67,6 @@ def test_each_pinned_backend_matches_eager(backend):
     assert sqnr_ref(ref, out) >= 35.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug (kernels/sdpa.py, _cuda_applicable): q, k and v are read as site.node.all_input_nodes[0..2], but "
-    "all_input_nodes lists each node once, so sdpa(x, x, x) raises IndexError (stage 'cost', the whole graph falls "
-    "back) and sdpa(q, v, v, attn_mask=m) would check the mask as the value"))
 def test_self_attention_with_one_tensor_for_q_k_v():
     """sdpa(x, x, x): q, k and v are one graph node."""
     class SelfAttn(torch.nn.Module):
@@ -87,10 +83,6 @@ def test_self_attention_with_one_tensor_for_q_k_v():
     assert sqnr_ref(ref, out) >= 35.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug (kernels/sdpa.py, _cuda_applicable): torch's can_use_*_attention(params, debug=True) explains a "
-    "refusal through the C++ warning log (stderr), not Python warnings, so warnings.catch_warnings catches nothing "
-    "and every refusal is reported as the generic \"refused by torch's SDPA checks\""))
 def test_flash_refusal_says_why():
     class MaskedAttn(torch.nn.Module):
         def forward(self, q, k, v, mask):

@@ -101,10 +101,6 @@ def test_op_3d_input_keeps_leading_dims():
     assert torch.equal(OP(xt, q, s, bias), out.transpose(0, 1))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "package bug: quantize_per_channel of a transposed weight (GPT-2 Conv1D, layout [K, N], weight_nk() is "
-    "weight.t()) returns a non-contiguous int8 tensor, and torch._weight_int8pack_mm raises "
-    "'expect B to be contiguous'"))
 def test_op_with_weight_quantized_from_kn_layout():
     torch.manual_seed(0)
     w_kn = torch.randn(64, 32, dtype=torch.bfloat16)  # Conv1D stores [in=K, out=N]

@@ -49,9 +49,6 @@ def test_matmul_spellings_are_one_linear_site(how, op):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "package bug: for [K, N] weights (x @ W, addmm, GPT-2 Conv1D) int8_weight_only.replace quantizes weight.t(), "
-    "a non-contiguous view, and _weight_int8pack_mm raises 'expect B to be contiguous': the site falls back"))
 @pytest.mark.parametrize("how", ["operator", "addmm"])
 def test_kn_layout_sites_compute_x_times_w(how):
     """A [K, N] weight must be quantized per output column; compare with the fp64 product of the dequantized

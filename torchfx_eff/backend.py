@@ -63,18 +63,22 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         graph_id = report.new_graph_id()
         try:
-            rewritten, records = self.rewrite(gm, example_inputs, graph_id)
+            rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id)
         except StageError as e:
             if self.config.strict:
                 raise
             log.warning("torchfx_eff: graph %d left unoptimized: %s", graph_id, e)
-            rewritten = gm
+            rewritten, packed = gm, []
             records = [SiteRecord(graph_id, "graph", "fallback", "-", reason=str(e))]
+        compiled = self.inner_compile(rewritten, gm, example_inputs, records)
         report.add_graph(records, self.config.log)
-        return self.inner_compile(rewritten, gm, example_inputs, graph_id)
+        if packed and any(r.status == "rewritten" for r in records):
+            return _guard_packed_weights(compiled, gm, packed, graph_id, self.config.log)
+        return compiled
 
     def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int):
-        """A rewritten copy of gm (gm itself is never modified) and one record per site."""
+        """A rewritten copy of gm (gm itself is never modified), one record per site, and the parameters
+        (with their version counters) that rewrites packed into constants."""
         config = self.config
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
@@ -93,11 +97,10 @@ class Backend:
         with stage("cost"):
             spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
-        blocker = self._blocker(info)
-        todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]
+            blocker = self._blocker(info)
+            todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]
         with stage("capture"):
-            keep = {n for s, _ in todo for n in (s.node, *s.inputs())}
-            values = gate.capture(work, example_inputs, keep) if keep else {}
+            values = gate.capture(work, example_inputs, {s.node for s, _ in todo}) if todo else {}
         if config.calibrate and todo:
             with stage("calibrate"):
                 self._calibrate(todo, values, spec)
@@ -111,7 +114,7 @@ class Backend:
             else:
                 records.append(_record(graph_id, s, "kept", _why_kept(cands), cands, chosen="original"))
         with stage("rewrite"):
-            return rewriter.finish(), records
+            return rewriter.finish(), records, rewriter.packed
 
     def _blocker(self, info: passes.GraphInfo) -> str | None:
         """A reason that no site of this graph may be rewritten, if there is one."""
@@ -130,7 +133,7 @@ class Backend:
                 key = cost.site_key(spec.name, impl.name, s)
                 if calibration.get(key) is None:
                     rep = impl.replace(s) if impl.replace else kernels.Replacement(s.node.target, s.node.args, s.node.kwargs)
-                    calibration.put(key, cost.seconds(lambda: gate.run_replacement(rep, values), s.device))
+                    calibration.put(key, cost.seconds(lambda: gate.run_replacement(rep, values[s.node]), s.device))
                 rec.measured_us = calibration.get(key) * 1e6
         calibration.save()
 
@@ -144,7 +147,7 @@ class Backend:
                 with stage(f"replace:{impl.name}"):
                     rep = impl.replace(site)
                 with stage(f"gate:{impl.name}"):
-                    db, why = gate.check(rep, values[site.node], values, self.config.accuracy)
+                    db, why = gate.check(rep, values[site.node][site.node], values[site.node], self.config.accuracy)
             except StageError as e:
                 if self.config.strict:
                     raise
@@ -161,7 +164,8 @@ class Backend:
         status = "fallback" if failures else "kept"
         return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original")
 
-    def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, graph_id: int):
+    def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, records: list):
+        """Compile the rewritten graph; if the inner compiler fails on it, the original, and say so in records."""
         if self.config.inner == "eager":
             return rewritten.forward
         from torch._inductor.compile_fx import compile_fx
@@ -171,9 +175,34 @@ class Backend:
         except Exception as e:
             if self.config.strict or rewritten is original:
                 raise
-            log.warning("torchfx_eff: Inductor failed on rewritten graph %d (%s); compiling the original", graph_id, e)
-            report.add_graph([SiteRecord(graph_id, "graph", "fallback", "-", reason=f"inner compile failed: {e}")])
+            why = f"inner compile failed on the rewritten graph ({type(e).__name__}: {e}); the original graph runs"
+            log.warning("torchfx_eff: graph %d: %s", records[0].graph_id if records else -1, why)
+            for r in records:
+                if r.status == "rewritten":
+                    r.status, r.chosen, r.reason = "fallback", "original", why
+            records.append(SiteRecord(records[0].graph_id if records else -1, "graph", "fallback", "-", reason=why))
             return compile_fx(original, example_inputs)
+
+
+def _guard_packed_weights(compiled, original: fx.GraphModule, packed, graph_id: int, log_path):
+    """Run the original graph once a parameter that was packed at compile time has been modified in place
+    (load_state_dict, an optimizer step): the packed copy would be stale. Dynamo does not guard on values."""
+    boxed = getattr(compiled, "_boxed_call", False)
+    state = {"stale": False}
+
+    def run(*args):
+        if not state["stale"] and any(t._version != v for t, v in packed):
+            state["stale"] = True
+            why = "parameters changed after compile; running the unoptimized graph (recompile to re-optimize)"
+            log.warning("torchfx_eff: graph %d: %s", graph_id, why)
+            report.add_graph([SiteRecord(graph_id, "graph", "fallback", "-", reason=why)], log_path)
+        if state["stale"]:
+            inputs = args[0] if boxed else args
+            return original.forward(*inputs)
+        return compiled(*args)
+
+    run._boxed_call = boxed
+    return run
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
@@ -190,6 +219,8 @@ def _why_kept(cands) -> str:
         return "no applicable candidate"
     best = min(others, key=time_of)
     original = next(r for i, r in cands if i.replace is None)
+    if time_of(original) is None:
+        return f"the original's cost could not be estimated ({original.formula}), so it is kept"
     return f"original ({time_of(original):.1f} us) not beaten by {1 / cost.MARGIN - 1:.0%}: best is {best.name} ({time_of(best):.1f} us)"
 
 

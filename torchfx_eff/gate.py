@@ -49,34 +49,39 @@ def _mutated(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, keep: set[fx.Node], mutated: set[fx.Node]):
+    """Keeps, for each site node, its inputs as it reads them and its output as it produced it."""
+
+    def __init__(self, gm, sites: set[fx.Node], mutated: set[fx.Node]):
         super().__init__(gm)
-        self.keep, self.mutated, self.values = keep, mutated, {}
+        self.sites, self.mutated, self.values = sites, mutated, {}
+
+    def _snapshot(self, node, value):
+        return value.clone() if node in self.mutated and isinstance(value, torch.Tensor) else value
 
     def run_node(self, n):
+        if n in self.sites:
+            self.values[n] = {a: self._snapshot(a, self.env[a]) for a in n.all_input_nodes}
         out = super().run_node(n)
-        if n in self.keep:  # a later in-place op must not change what we compare against
-            self.values[n] = out.clone() if n in self.mutated and isinstance(out, torch.Tensor) else out
+        if n in self.sites:
+            self.values[n][n] = self._snapshot(n, out)
         return out
 
 
-def _concrete(x, clone: bool):
-    """A real value to run with: symbolic sizes (dynamic shapes) become their example values."""
+def _concrete(x):
+    """A value to run with: symbolic sizes (dynamic shapes) become their example values, and tensors that
+    are not parameters are copied, so that the run never touches the caller's caches or buffers."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         if x.node.hint is None:
             raise ValueError(f"symbolic input {x} has no example value")
         return x.node.hint
-    return x.clone() if clone and isinstance(x, torch.Tensor) else x
+    return x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x
 
 
 @torch.no_grad()
-def capture(gm: fx.GraphModule, example_inputs: list, keep: set[fx.Node]) -> dict[fx.Node, object]:
-    """Run the original graph once and keep the values of `keep`. Inputs it mutates are cloned first."""
-    mutated = _mutated(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    args = [_concrete(x, clone=n in mutated) for n, x in zip(placeholders, example_inputs)]
-    recorder = _Recorder(gm, keep, mutated)
-    recorder.run(*args)
+def capture(gm: fx.GraphModule, example_inputs: list, sites: set[fx.Node]) -> dict[fx.Node, dict[fx.Node, object]]:
+    """Run the original graph once on the example inputs; per site node, the values it read and produced."""
+    recorder = _Recorder(gm, sites, _mutated(gm))
+    recorder.run(*map(_concrete, example_inputs))
     return recorder.values
 
 

@@ -11,6 +11,7 @@ class Rewriter:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.replaced: dict[fx.Node, fx.Node] = {}  # a site's old node -> its replacement, for later sites' args
+        self.packed: list[tuple[torch.Tensor, int]] = []  # parameters baked into constants, with their versions
 
     def _arg(self, arg, before: fx.Node, prefix: str):
         if isinstance(arg, fx.Node):
@@ -25,6 +26,7 @@ class Rewriter:
         return arg
 
     def apply(self, node: fx.Node, rep: Replacement, prefix: str) -> fx.Node:
+        self.packed += [(t, t._version) for t in rep.sources]
         args = self._arg(rep.args, node, prefix)
         kwargs = {k: self._arg(v, node, prefix) for k, v in rep.kwargs.items()}
         with self.gm.graph.inserting_before(node):

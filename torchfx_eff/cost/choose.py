@@ -39,6 +39,8 @@ def ranked(cands: list[tuple[Implementation, CandidateRecord]]) -> list[tuple[Im
     """Applicable candidates that beat the original by MARGIN, fastest first, then the original."""
     time_of = lambda rec: rec.measured_us if rec.measured_us is not None else rec.estimate_us
     original = next(c for c in cands if c[0].replace is None)
+    if time_of(original[1]) is None:  # nothing to compare against: keep the original
+        return [original]
     limit = time_of(original[1]) * MARGIN
     faster = [c for c in cands if c[1].applicable and c is not original and time_of(c[1]) is not None and time_of(c[1]) < limit]
     return sorted(faster, key=lambda c: time_of(c[1])) + [original]

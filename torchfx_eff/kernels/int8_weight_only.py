@@ -17,7 +17,7 @@ def quantize_per_channel(weight_nk: torch.Tensor) -> tuple[torch.Tensor, torch.T
     # Round the scale to bf16 first so quantization uses exactly the scale the kernel will multiply by.
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
+    return q.contiguous(), scales  # a [K, N] weight arrives transposed; the kernel reads rows
 
 
 @torch.library.custom_op("torchfx_eff::int8_weight_only_linear", mutates_args=())
@@ -46,7 +46,7 @@ def applicable(site, spec) -> str | None:
 def replace(site) -> Replacement:
     q, scales = quantize_per_channel(site.weight_nk())
     return Replacement(torch.ops.torchfx_eff.int8_weight_only_linear.default, (site.x, q, scales, site.bias),
-                       weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes))
+                       weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes), sources=(site.weight,))
 
 
 register(Implementation("int8_weight_only", "linear", applicable, formulas.linear_int8_weight_only, replace,

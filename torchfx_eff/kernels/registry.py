@@ -22,6 +22,7 @@ class Replacement:
     args: tuple
     kwargs: dict = field(default_factory=dict)
     weight_bytes: tuple[int, int] | None = None  # (before, after) when weights are repacked
+    sources: tuple[torch.Tensor, ...] = ()  # parameters the packed constants were computed from
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
 """PyTorch's SDPA backends as candidates: the same math, pinned to one kernel with sdpa_kernel()."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cost import formulas
+from ..passes.graph import fake
 from .registry import Implementation, Replacement, needs_device, needs_dtype, register
 
 BACKENDS = {
@@ -41,15 +40,34 @@ def _cuda_applicable(name: str):
     def applicable(site, spec) -> str | None:
         if reason := needs_device(site, "cuda") or needs_dtype(site, (torch.float16, torch.bfloat16, torch.float32)):
             return reason
-        q, k, v = (site.node.all_input_nodes[i].meta.get("example_value") for i in range(3))
-        mask = site.mask.meta.get("example_value") if site.mask is not None else None
-        params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, site.is_causal, site.enable_gqa)
-        with warnings.catch_warnings(record=True) as caught:  # debug=True explains a refusal as warnings
-            warnings.simplefilter("always")
-            ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, True)
-        return None if ok else "; ".join(str(w.message) for w in caught) or "refused by torch's SDPA checks"
+        if name == "sdpa_flash" and (site.mask is not None or site.dtype == torch.float32):
+            return "flash takes neither an attn_mask nor fp32"
+        # torch's own check is the authority; it explains a refusal only on stderr, hence the generic reason
+        params = torch.backends.cuda.SDPAParams(fake(site.q), fake(site.k), fake(site.v), fake(site.mask), 0.0,
+                                                site.is_causal, site.enable_gqa)
+        ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, False)
+        return None if ok else f"torch.backends.cuda.{_CUDA_CHECKS[name]} refused this shape/dtype/layout"
 
     return applicable
+
+
+def dispatched_cost(site, spec):
+    """The original SDPA call, costed as the kernel PyTorch's dispatcher would pick on the spec's device:
+    on CUDA the first of flash and efficient (torch's priority order, ahead of math) whose rules admit the site."""
+    if spec.type != "cuda":
+        return formulas.attention("sdpa_cpu")(site, spec)
+    D, Dv = site.size("D"), site.size("Dv")
+    admits = {
+        SDPBackend.FLASH_ATTENTION: site.mask is None and site.dtype in (torch.float16, torch.bfloat16) and D == Dv <= 256,
+        SDPBackend.EFFICIENT_ATTENTION: D % 8 == 0 and Dv % 8 == 0,
+    }
+    kernel = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient"}
+    for backend in map(SDPBackend, torch._C._get_sdp_priority_order()):
+        if backend == SDPBackend.MATH:  # always applies; backends after it are never reached
+            break
+        if admits.get(backend):
+            return formulas.attention(kernel[backend])(site, spec)
+    return formulas.attention("sdpa_math")(site, spec)
 
 
 def _cpu_applicable(site, spec) -> str | None:

@@ -24,10 +24,6 @@ class Site:
         """A named size at the example inputs."""
         return int(self.dims[name].xreplace(self.hints))
 
-    def inputs(self) -> list[fx.Node]:
-        """Graph values the site reads (captured for the numerics gate)."""
-        return list(self.node.all_input_nodes)
-
 
 @dataclass
 class LinearSite(Site):
