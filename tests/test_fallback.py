@@ -9,6 +9,7 @@ import torchfx_eff
 from torchfx_eff import passes
 from torchfx_eff.cost import MARGIN
 from torchfx_eff.kernels import Replacement, registry
+from torchfx_eff.kernels.int8_weight_only import int8_weight_only_linear
 
 
 class Boom(RuntimeError):
@@ -117,11 +118,11 @@ def test_wrong_shape_or_nonfinite_output_is_caught(monkeypatch):
     x = torch.randn(1, 256, dtype=torch.bfloat16)
 
     def nan_op(x, q, s, b):
-        out = torch.ops.torchfx_eff.int8_weight_only_linear(x, q, s, b)
+        out = int8_weight_only_linear(x, q, s, b)
         return out.index_fill(-1, torch.tensor([0]), float("nan"))
 
     for op, needle in [(nan_op, "non-finite"),
-                       (lambda x, q, s, b: torch.ops.torchfx_eff.int8_weight_only_linear(x, q, s, b).float(), "differs")]:
+                       (lambda x, q, s, b: int8_weight_only_linear(x, q, s, b).float(), "differs")]:
         torch._dynamo.reset()
         torchfx_eff.reset()
 
@@ -220,7 +221,8 @@ class _FlakyInductor:
 
 
 def _has_torchfx_eff_op(gm):
-    return any("torchfx_eff" in str(n.target) for n in gm.graph.nodes)
+    return any(getattr(n.target, "__module__", "").startswith("torchfx_eff") or "torchfx_eff" in str(n.target)
+               for n in gm.graph.nodes)
 
 
 @pytest.fixture
@@ -263,3 +265,28 @@ def test_inner_compile_failure_is_in_the_jsonl_log(flaky_inductor, tmp_path):
         compiled(LinearStack().to(torch.bfloat16), inner="inductor", log=log)(torch.randn(1, 256, dtype=torch.bfloat16))
     assert sites("graph", "fallback")
     assert torchfx_eff.report.Report.from_jsonl(log) == torchfx_eff.last_report()
+
+
+def test_dynamo_restart_from_the_inner_compiler_is_not_a_failure(monkeypatch):
+    """Inductor raises RestartAnalysis subclasses to make Dynamo re-trace the frame; they must reach Dynamo
+    rather than be taken for a failure (which would log a fallback and run the original graph)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    calls = []
+
+    def restart_once(gm, example_inputs):
+        calls.append(gm)
+        if len(calls) == 1:
+            raise torch._dynamo.exc.TensorifyScalarRestartAnalysis()
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", restart_once)
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = compiled(model, inner="inductor")(x)
+        ref = model(x)
+    assert len(calls) == 2 and all(_has_torchfx_eff_op(gm) for gm in calls)  # re-traced, rewritten again
+    assert sites("graph") == []
+    assert sites("linear", "rewritten")
+    assert sqnr_ref(ref, out) >= 20.0

@@ -96,3 +96,34 @@ def test_flash_refusal_says_why():
     flash = next(c for c in s.candidates if c.name == "sdpa_flash")
     assert not flash.applicable  # flash attention takes no attn_mask
     assert "mask" in flash.reason, flash.reason
+
+
+def test_pinned_backend_under_inductor_matches_eager():
+    """The rewritten graph, with torchfx_eff::sdpa inside, compiles with Inductor on CUDA and stays correct."""
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2
+
+    # large enough that compute, not launch overhead, decides: cuDNN is estimated well ahead of efficient
+    q, k, v = (torch.randn(2, 16, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.randn(2, 1, 2048, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = Attn()(q, k, v, mask)
+        out = compiled(Attn(), attention=("sdpa_cudnn",), inner="inductor")(q, k, v, mask)
+    [s] = matched("attention")
+    assert s.status == "rewritten" and s.chosen == "sdpa_cudnn", s.reason  # torch itself would pick efficient
+    assert sqnr_ref(ref, out) >= 35.0
+
+
+def test_original_attention_costed_as_the_kernel_torch_dispatches_to():
+    """No mask, bf16, head dim 64: torch dispatches to flash, so original and sdpa_flash estimates are equal."""
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        compiled(Attn())(q, k, v)
+    [s] = matched("attention")
+    est = {c.name: c.estimate_us for c in s.candidates}
+    assert est["original"] == pytest.approx(est["sdpa_flash"])

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+from torchfx_eff.kernels.int8_weight_only import int8_weight_only_linear, quantize_per_channel
 
-OP = torch.ops.torchfx_eff.int8_weight_only_linear
+OP = int8_weight_only_linear
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 
 

@@ -105,11 +105,11 @@ class Backend:
             with stage("calibrate"):
                 self._calibrate(todo, values, spec)
         rewriter = Rewriter(work)
-        decided = {id(s): (s, c) for s, c in todo}
+        contested = {id(s) for s, _ in todo}  # sites where some candidate may beat the original
         for s, cands in plans:
             if blocker:
                 records.append(_record(graph_id, s, "kept", blocker, cands, chosen="original"))
-            elif id(s) in decided:
+            elif id(s) in contested:
                 records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter))
             else:
                 records.append(_record(graph_id, s, "kept", _why_kept(cands), cands, chosen="original"))
@@ -172,6 +172,8 @@ class Backend:
 
         try:
             return compile_fx(rewritten, example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            raise  # not a failure: Dynamo re-traces the frame (e.g. to specialize a float) and calls us again
         except Exception as e:
             if self.config.strict or rewritten is original:
                 raise

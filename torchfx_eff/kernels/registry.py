@@ -12,7 +12,8 @@ from ..config import ACCURACY
 
 @dataclass
 class Replacement:
-    """One call that computes a site's value: op(*args, **kwargs).
+    """One call that computes a site's value: op(*args, **kwargs). op is a registered custom op (opaque to
+    Inductor) or a function of ATen ops that Inductor traces into.
 
     args may hold graph nodes (site inputs), tensors (constants packed at compile time, baked into the
     graph as buffers) and plain Python values.
