@@ -36,12 +36,21 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
+def _flash_refusal(site) -> str | None:
+    """Flash attention's own limits, beyond what torch's check reports on stderr only."""
+    if site.mask is not None or site.dtype not in (torch.float16, torch.bfloat16):
+        return "flash takes no attn_mask and only fp16/bf16"
+    if not site.size("D") == site.size("Dv") <= 256:
+        return "flash needs equal q/k and v head dims of at most 256"
+    return None
+
+
 def _cuda_applicable(name: str):
     def applicable(site, spec) -> str | None:
         if reason := needs_device(site, "cuda") or needs_dtype(site, (torch.float16, torch.bfloat16, torch.float32)):
             return reason
-        if name == "sdpa_flash" and (site.mask is not None or site.dtype == torch.float32):
-            return "flash takes neither an attn_mask nor fp32"
+        if name == "sdpa_flash" and (reason := _flash_refusal(site)):
+            return reason
         # torch's own check is the authority; it explains a refusal only on stderr, hence the generic reason
         params = torch.backends.cuda.SDPAParams(fake(site.q), fake(site.k), fake(site.v), fake(site.mask), 0.0,
                                                 site.is_causal, site.enable_gqa)
@@ -56,10 +65,9 @@ def dispatched_cost(site, spec):
     on CUDA the first of flash and efficient (torch's priority order, ahead of math) whose rules admit the site."""
     if spec.type != "cuda":
         return formulas.attention("sdpa_cpu")(site, spec)
-    D, Dv = site.size("D"), site.size("Dv")
     admits = {
-        SDPBackend.FLASH_ATTENTION: site.mask is None and site.dtype in (torch.float16, torch.bfloat16) and D == Dv <= 256,
-        SDPBackend.EFFICIENT_ATTENTION: D % 8 == 0 and Dv % 8 == 0,
+        SDPBackend.FLASH_ATTENTION: _flash_refusal(site) is None,
+        SDPBackend.EFFICIENT_ATTENTION: site.size("D") % 8 == 0 and site.size("Dv") % 8 == 0,
     }
     kernel = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient"}
     for backend in map(SDPBackend, torch._C._get_sdp_priority_order()):
