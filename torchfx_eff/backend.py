@@ -140,7 +140,7 @@ class Backend:
     def _gate_and_rewrite(self, graph_id, site, cands, values, rewriter: Rewriter) -> SiteRecord:
         """Try the ranked candidates in order; the first that passes the gate replaces the site."""
         failures = []
-        for impl, rec in cost.ranked(cands):
+        for impl, _ in cost.ranked(cands):
             if impl.replace is None:
                 break
             try:
@@ -161,6 +161,7 @@ class Backend:
             if self.config.strict:
                 raise RuntimeError(f"torchfx_eff: {impl.name} failed the numerics gate at {site.location}: {why}")
             failures.append(f"{impl.name} failed the gate: {why}")
+            log.info("torchfx_eff: %s: %s", site.location, failures[-1])
         status = "fallback" if failures else "kept"
         return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original")
 
