@@ -122,15 +122,16 @@ def test_gpt2_conv1d_sites_are_rewritten_like_linear_sites():
         assert (s.status == "rewritten") == faster, s
 
 
-def test_eager_attention_is_reported_missed_once_per_layer():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_attention_is_reported_missed_once_per_layer(family):
     sizes = dict(SMALL, layers=3)
-    model = make_model("llama", sizes, torch.float32, attn="eager")
+    model = make_model(family, sizes, torch.float32, attn="eager")
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad(), count_calls(model) as counts:
-        ref = model(ids).logits
+        ref = first_output(model(ids))
     assert counts["attention"] == 0  # no SDPA call anywhere in eager attention
     with torch.no_grad():
-        out = compiled(model)(ids).logits
+        out = first_output(compiled(model)(ids))
     missed = sites("attention", "missed")
     assert len(missed) == sizes["layers"]
     assert matched("attention") == []
@@ -337,3 +338,30 @@ def test_calibrate_measures_caches_and_decides_by_measurement(cache_dir, monkeyp
     second = matched("linear")
     assert [[c.measured_us for c in s.candidates] for s in second] == [[c.measured_us for c in s.candidates] for s in first]
     assert [s.status for s in second] == [s.status for s in first]
+
+
+def test_graphs_share_one_packed_copy_of_a_parameter():
+    """Prefill and decode graphs both rewrite the LM head: one int8 copy in memory, counted once in the report;
+    an in-place update of the parameter gives a new copy at the next compile."""
+    model = make_model("llama", BIG, torch.bfloat16)
+    with torch.no_grad():
+        cm = compiled(model)
+        cm(torch.randint(0, 128, (1, 1)))
+        cm(torch.randint(0, 128, (1, 2)))  # a second graph (another static length)
+    graphs = {s.graph_id for s in sites("linear", "rewritten")}
+    assert len(graphs) == 2
+    head = [s for s in sites("linear", "rewritten") if any("lm_head" in name for name in s.packed)]
+    assert len(head) == 2 and head[0].packed == head[1].packed and len(head[0].packed) == 1
+    assert head[0].graph_id != head[1].graph_id
+    by_param = {s.packed[0]: s.weight_bytes for s in sites("linear", "rewritten")}
+    before, after = torchfx_eff.last_report().weight_bytes()
+    assert (before, after) == (sum(b for b, _ in by_param.values()), sum(a for _, a in by_param.values()))
+
+    from torchfx_eff.kernels.registry import _PACKED
+    q1 = _PACKED[model.lm_head.weight]["int8_per_channel_nk"][1][0]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        torch._dynamo.reset()
+        compiled(model)(torch.randint(0, 128, (1, 1)))
+    q2 = _PACKED[model.lm_head.weight]["int8_per_channel_nk"][1][0]
+    assert q2 is not q1 and torch.equal(q2, -q1)

@@ -157,7 +157,7 @@ class Backend:
                     rewriter.apply(site.node, rep, prefix=f"{site.kind}_{impl.name}")
                 reason = "; ".join(failures + ["fastest candidate that passed the numerics gate"])
                 return _record(graph_id, site, "rewritten", reason, cands, chosen=impl.name, sqnr_db=db,
-                               weight_bytes=rep.weight_bytes)
+                               weight_bytes=rep.weight_bytes, packed=sorted(rep.sources))
             if self.config.strict:
                 raise RuntimeError(f"torchfx_eff: {impl.name} failed the numerics gate at {site.location}: {why}")
             failures.append(f"{impl.name} failed the gate: {why}")

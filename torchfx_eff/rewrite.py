@@ -26,7 +26,7 @@ class Rewriter:
         return arg
 
     def apply(self, node: fx.Node, rep: Replacement, prefix: str) -> fx.Node:
-        self.packed += [(t, t._version) for t in rep.sources]
+        self.packed += [(t, t._version) for t in rep.sources.values()]
         args = self._arg(rep.args, node, prefix)
         kwargs = {k: self._arg(v, node, prefix) for k, v in rep.kwargs.items()}
         with self.gm.graph.inserting_before(node):

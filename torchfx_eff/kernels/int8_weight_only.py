@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..cost import formulas
-from .registry import Implementation, Replacement, needs_device, needs_dtype, register
+from .registry import Implementation, Replacement, needs_device, needs_dtype, pack_once, register
 
 
 def quantize_per_channel(weight_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +46,10 @@ def applicable(site, spec) -> str | None:
 
 
 def replace(site) -> Replacement:
-    q, scales = quantize_per_channel(site.weight_nk())
+    q, scales = pack_once(site.weight, f"int8_per_channel_{site.weight_layout}",
+                          lambda: quantize_per_channel(site.weight_nk()))
     return Replacement(int8_weight_only_linear, (site.x, q, scales, site.bias),
-                       weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes), sources=(site.weight,))
+                       weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes), sources={site.weight_name: site.weight})
 
 
 register(Implementation("int8_weight_only", "linear", applicable, formulas.linear_int8_weight_only, replace,

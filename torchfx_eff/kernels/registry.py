@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import sympy
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ACCURACY
 
@@ -23,7 +24,7 @@ class Replacement:
     args: tuple
     kwargs: dict = field(default_factory=dict)
     weight_bytes: tuple[int, int] | None = None  # (before, after) when weights are repacked
-    sources: tuple[torch.Tensor, ...] = ()  # parameters the packed constants were computed from
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)  # parameters the packed constants come from
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+_PACKED = WeakIdKeyDictionary()  # parameter -> {packing name: (parameter version, packed)}
+
+
+def pack_once(weight: torch.Tensor, packing: str, pack: Callable[[], Any]):
+    """pack(), computed once per parameter version and packing and shared by every graph that uses it
+    (a prefill and a decode graph hold one copy of the LM head, not two)."""
+    entry = _PACKED.setdefault(weight, {})
+    hit = entry.get(packing)
+    if hit is None or hit[0] != weight._version:
+        entry[packing] = hit = (weight._version, pack())
+    return hit[1]
 
 
 def register(impl: Implementation) -> Implementation:

@@ -40,5 +40,5 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
         yield LinearSite(
             node=node, op=op, location=where, dtype=out.dtype, device=out.device,
             dims={"M": numel(x.shape[:-1]), "N": sym(n), "K": sym(k)}, hints=hints_of(x.shape),
-            x=args[x_name], weight=weight, weight_layout=layout, bias=args.get(b_name) if b_name else None,
+            x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=args.get(b_name) if b_name else None,
         )

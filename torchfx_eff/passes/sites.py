@@ -32,6 +32,7 @@ class LinearSite(Site):
     kind: ClassVar[str] = "linear"
     x: fx.Node = None
     weight: torch.Tensor = None  # the real parameter, as stored
+    weight_name: str = ""  # its graph input or attribute name, the same in every graph that reads it
     weight_layout: str = "nk"  # "nk" for F.linear, "kn" for addmm/matmul (GPT-2 Conv1D)
     bias: fx.Node | None = None
 

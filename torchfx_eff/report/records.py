@@ -33,6 +33,7 @@ class SiteRecord:
     hints: dict[str, int] = field(default_factory=dict)  # the example value of each size
     sqnr_db: float | None = None  # numerics gate result of the chosen candidate
     weight_bytes: tuple[int, int] | None = None  # (before, after) for rewrites that repack weights
+    packed: list[str] = field(default_factory=list)  # names of the parameters packed into constants
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +76,10 @@ class Report:
             return cls([SiteRecord.from_dict(json.loads(line)) for line in f if line.strip()])
 
     def weight_bytes(self) -> tuple[int, int]:
-        """Total weight bytes (before, after) over the rewritten sites that repack weights."""
-        pairs = [s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"]
-        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        """Weight bytes (before, after) of the parameters that rewritten sites repacked, each parameter once
+        (graphs share a parameter's packed copy)."""
+        pairs = {tuple(s.packed) or id(s): s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"}
+        return sum(p[0] for p in pairs.values()), sum(p[1] for p in pairs.values())
 
     def __str__(self) -> str:
         """A table with one row per group of identical sites (same graph, location, shape and decision)."""
