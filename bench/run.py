@@ -79,8 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    code = commit()  # before the suite runs: the code that is measured
     rows = SUITES[args.suite](args)
-    result = {"suite": args.suite, "device": device(), "versions": versions(), "commit": commit(),
+    result = {"suite": args.suite, "device": device(), "versions": versions(), "commit": code,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -216,15 +216,14 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
 
 
 def _why_kept(cands) -> str:
-    time_of = lambda r: r.measured_us if r.measured_us is not None else r.estimate_us
-    others = [r for i, r in cands if i.replace is not None and r.applicable and time_of(r) is not None]
+    others = [r for i, r in cands if i.replace is not None and r.applicable and r.time_us is not None]
     if not others:
         return "no applicable candidate"
-    best = min(others, key=time_of)
+    best = min(others, key=lambda r: r.time_us)
     original = next(r for i, r in cands if i.replace is None)
-    if time_of(original) is None:
+    if original.time_us is None:
         return f"the original's cost could not be estimated ({original.formula}), so it is kept"
-    return f"original ({time_of(original):.1f} us) not beaten by {1 / cost.MARGIN - 1:.0%}: best is {best.name} ({time_of(best):.1f} us)"
+    return f"original ({original.time_us:.1f} us) not beaten by {1 / cost.MARGIN - 1:.0%}: best is {best.name} ({best.time_us:.1f} us)"
 
 
 def backend(config: Config | None = None) -> Backend:

@@ -24,7 +24,10 @@ def _refusal(impl: Implementation, site, spec: DeviceSpec, config: Config) -> st
 def candidates(site, spec: DeviceSpec, config: Config) -> list[tuple[Implementation, CandidateRecord]]:
     out = []
     for impl in implementations(site.kind):
-        reason = _refusal(impl, site, spec, config)
+        try:
+            reason = _refusal(impl, site, spec, config)
+        except Exception as e:  # a predicate that breaks on this site refuses it rather than the whole graph
+            reason = f"applicability check failed: {type(e).__name__}: {e}"
         try:
             expr = impl.cost(site, spec)
             estimate, formula = evaluate(expr, site.hints) * 1e6, str(expr)
@@ -37,10 +40,9 @@ def candidates(site, spec: DeviceSpec, config: Config) -> list[tuple[Implementat
 
 def ranked(cands: list[tuple[Implementation, CandidateRecord]]) -> list[tuple[Implementation, CandidateRecord]]:
     """Applicable candidates that beat the original by MARGIN, fastest first, then the original."""
-    time_of = lambda rec: rec.measured_us if rec.measured_us is not None else rec.estimate_us
     original = next(c for c in cands if c[0].replace is None)
-    if time_of(original[1]) is None:  # nothing to compare against: keep the original
+    if original[1].time_us is None:  # nothing to compare against: keep the original
         return [original]
-    limit = time_of(original[1]) * MARGIN
-    faster = [c for c in cands if c[1].applicable and c is not original and time_of(c[1]) is not None and time_of(c[1]) < limit]
-    return sorted(faster, key=lambda c: time_of(c[1])) + [original]
+    limit = original[1].time_us * MARGIN
+    faster = [c for c in cands if c[1].applicable and c is not original and c[1].time_us is not None and c[1].time_us < limit]
+    return sorted(faster, key=lambda c: c[1].time_us) + [original]

@@ -18,6 +18,11 @@ class CandidateRecord:
     measured_us: float | None = None  # with Config.calibrate
     formula: str | None = None  # the symbolic cost in seconds, over the graph's sizes
 
+    @property
+    def time_us(self) -> float | None:
+        """The measurement when there is one, else the estimate."""
+        return self.measured_us if self.measured_us is not None else self.estimate_us
+
 
 @dataclass
 class SiteRecord:
@@ -89,7 +94,7 @@ class Report:
         groups: dict[tuple, list[SiteRecord]] = {}
         for s in self.sites:
             usable = [c for c in s.candidates if c.applicable]
-            cands = " ".join(f"{c.name}={_us(c.measured_us if c.measured_us is not None else c.estimate_us)}" for c in usable)
+            cands = " ".join(f"{c.name}={_us(c.time_us)}" for c in usable)
             if len(usable) < len(s.candidates):
                 cands += f" (+{len(s.candidates) - len(usable)} n/a)"
             shape = ",".join(f"{k}={v}" for k, v in s.hints.items())
