@@ -290,3 +290,19 @@ def test_dynamo_restart_from_the_inner_compiler_is_not_a_failure(monkeypatch):
     assert sites("graph") == []
     assert sites("linear", "rewritten")
     assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_a_failing_applicability_predicate_refuses_that_candidate_only(monkeypatch):
+    def broken(site, spec):
+        raise KeyError("no such property")
+
+    _patch_int8(monkeypatch, applicable=broken)
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, ref = compiled(model)(x), model(x)
+    assert torch.equal(out, ref)
+    assert sites("graph") == []
+    for s in sites("linear"):
+        int8 = next(c for c in s.candidates if c.name == "int8_weight_only")
+        assert s.status == "kept" and not int8.applicable and "applicability check failed" in int8.reason
