@@ -36,8 +36,7 @@ def _record(graph_id, site, status, reason="", cands=(), **kw) -> SiteRecord:
     return SiteRecord(
         graph_id=graph_id, kind=site.kind, status=status, op=site.op, location=site.location, reason=reason,
         candidates=[rec for _, rec in cands],
-        dims={k: str(v) for k, v in getattr(site, "dims", {}).items()},
-        hints={k: site.size(k) for k in getattr(site, "dims", {})}, **kw,
+        dims={k: str(v) for k, v in site.dims.items()}, hints={k: site.size(k) for k in site.dims}, **kw,
     )
 
 
