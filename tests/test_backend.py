@@ -16,6 +16,7 @@ from helpers import (
 )
 
 import torchfx_eff
+from torchfx_eff import gate
 from torchfx_eff.cost import MARGIN
 
 FAMILIES = ["llama", "qwen2", "gpt2", "bert"]
@@ -123,22 +124,59 @@ def test_gpt2_conv1d_sites_are_rewritten_like_linear_sites():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_eager_attention_is_reported_missed_once_per_layer(family):
-    sizes = dict(SMALL, layers=3)
-    model = make_model(family, sizes, torch.float32, attn="eager")
-    ids = torch.randint(0, 128, (1, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_is_matched_and_fused_into_sdpa(family, dtype, monkeypatch):
+    sizes = dict(SMALL if dtype == torch.float32 else BIG, layers=3)
+    model = make_model(family, sizes, dtype, attn="eager")
+    ids = torch.randint(0, 128, (2, 16))
+    softmax_calls = []
+    real_softmax = torch.nn.functional.softmax
     with torch.no_grad(), count_calls(model) as counts:
+        monkeypatch.setattr(torch.nn.functional, "softmax", lambda *a, **k: softmax_calls.append(1) or real_softmax(*a, **k))
         ref = first_output(model(ids))
-    assert counts["attention"] == 0  # no SDPA call anywhere in eager attention
+        monkeypatch.setattr(torch.nn.functional, "softmax", real_softmax)
+    assert counts["attention"] == 0 and len(softmax_calls) == sizes["layers"]  # eager attention, no SDPA call
+
+    rewritten_graphs = []
+    inner = torchfx_eff.Backend.inner_compile
+    monkeypatch.setattr(torchfx_eff.Backend, "inner_compile",
+                        lambda self, gm, *a: rewritten_graphs.append(gm) or inner(self, gm, *a))
     with torch.no_grad():
         out = first_output(compiled(model)(ids))
-    missed = sites("attention", "missed")
-    assert len(missed) == sizes["layers"]
-    assert matched("attention") == []
-    for s in missed:
-        assert s.op == "softmax" and "eager attention" in s.reason and s.location
+    attention = matched("attention")
+    assert len(attention) == len(softmax_calls), torchfx_eff.last_report()
+    for s in attention:
+        # the fused kernel is estimated well below the unfused passes, and computes the same math
+        assert (s.op, s.status, s.chosen) == ("eager", "rewritten", "sdpa_cpu"), s.reason
+        assert s.sqnr_db >= gate.min_sqnr_db("lossless", dtype)
+    [gm] = rewritten_graphs
+    assert not any("softmax" in str(n.target) for n in gm.graph.nodes)  # the eager chains are gone
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(out, ref, **tol)
     assert len(matched("linear")) == counts["linear"]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+class _ScaledAfterMask(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.softmax((q @ k.transpose(-1, -2) + mask) * 0.125, dim=-1) @ v
+
+
+class _SoftmaxOverQueries(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-2) @ v
+
+
+@pytest.mark.parametrize("module, why", [(_ScaledAfterMask, "mask added before the scale"),
+                                          (_SoftmaxOverQueries, "not the last")])
+def test_eager_attention_spellings_that_differ_from_sdpa_are_missed_with_a_reason(module, why):
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    mask = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        ref = module()(q, k, v, mask)
+        out = compiled(module())(q, k, v, mask)
+    [s] = sites("attention")
+    assert s.status == "missed" and why in s.reason
+    torch.testing.assert_close(out, ref)
 
 
 def test_lossless_accuracy_rewrites_no_linear():

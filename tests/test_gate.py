@@ -101,7 +101,7 @@ def test_capture_does_not_mutate_the_callers_inputs():
     x = torch.randn(3, 8)
     before = x.clone()
     sites = {nodes["lin"], nodes["mul"]}
-    values = gate.capture(gm, [x], sites)
+    values = gate.capture(gm, [x], {n: [n] for n in sites})
     assert torch.equal(x, before)  # the graph's add_ ran on a copy
     with torch.no_grad():
         expected_lin = model.lin(before + 1)
@@ -120,7 +120,7 @@ def test_capture_keeps_each_sites_inputs_and_output_only():
     gm = fx.symbolic_trace(F())
     nodes = {n.name: n for n in gm.graph.nodes}
     a, b = torch.randn(3, 4), torch.randn(4, 5)
-    values = gate.capture(gm, [a, b], {nodes["matmul"]})
+    values = gate.capture(gm, [a, b], {nodes["matmul"]: [nodes["matmul"]]})
     assert set(values) == {nodes["matmul"]}
     assert set(values[nodes["matmul"]]) == {nodes["matmul"], nodes["a"], nodes["b"]}  # its inputs and output only
     assert torch.equal(values[nodes["matmul"]][nodes["matmul"]], a @ b)

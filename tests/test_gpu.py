@@ -127,3 +127,17 @@ def test_original_attention_costed_as_the_kernel_torch_dispatches_to():
     [s] = matched("attention")
     est = {c.name: c.estimate_us for c in s.candidates}
     assert est["original"] == pytest.approx(est["sdpa_flash"])
+
+
+def test_eager_attention_is_fused_into_a_cuda_sdpa_backend():
+    model = make_model("llama", GPU_SIZES, torch.bfloat16, attn="eager").cuda()
+    ids = torch.randint(0, 128, (1, 256), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = compiled(model)(ids).logits
+    attention = matched("attention")
+    assert len(attention) == GPU_SIZES["layers"]
+    for s in attention:
+        assert s.op == "eager" and s.status == "rewritten" and s.chosen in CUDA_BACKENDS, s.reason
+        assert s.sqnr_db >= 35.0
+    assert sqnr_ref(ref, out) >= 35.0

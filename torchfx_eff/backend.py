@@ -99,7 +99,7 @@ class Backend:
             blocker = self._blocker(info)
             todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]
         with stage("capture"):
-            values = gate.capture(work, example_inputs, {s.node for s, _ in todo}) if todo else {}
+            values = gate.capture(work, example_inputs, {s.node: s.chain for s, _ in todo}) if todo else {}
         if config.calibrate and todo:
             with stage("calibrate"):
                 self._calibrate(todo, values, spec)
@@ -153,7 +153,7 @@ class Backend:
                 db, why = None, str(e)
             if why is None:
                 with stage("rewrite"):
-                    rewriter.apply(site.node, rep, prefix=f"{site.kind}_{impl.name}")
+                    rewriter.apply(site.chain, rep, prefix=f"{site.kind}_{impl.name}")
                 reason = "; ".join(failures + ["fastest candidate that passed the numerics gate"])
                 return _record(graph_id, site, "rewritten", reason, cands, chosen=impl.name, sqnr_db=db,
                                weight_bytes=rep.weight_bytes, packed=sorted(rep.sources))

@@ -49,22 +49,28 @@ def _mutated(gm: fx.GraphModule) -> set[fx.Node]:
 
 
 class _Recorder(fx.Interpreter):
-    """Keeps, for each site node, its inputs as it reads them and its output as it produced it."""
+    """Keeps, for each site, the values it reads from outside its chain of nodes, as the chain reads them,
+    and the value of its last node."""
 
-    def __init__(self, gm, sites: set[fx.Node], mutated: set[fx.Node]):
+    def __init__(self, gm, chains: dict[fx.Node, list[fx.Node]], mutated: set[fx.Node]):
         super().__init__(gm)
-        self.sites, self.mutated, self.values = sites, mutated, {}
+        self.mutated, self.values = mutated, {out: {} for out in chains}
+        self.readers: dict[fx.Node, list[tuple[fx.Node, set[fx.Node]]]] = {}  # chain node -> (site, its chain)
+        for out, chain in chains.items():
+            for n in chain:
+                self.readers.setdefault(n, []).append((out, set(chain)))
 
     def _snapshot(self, node, value):
         return value.clone() if node in self.mutated and isinstance(value, torch.Tensor) else value
 
     def run_node(self, n):
-        if n in self.sites:
-            self.values[n] = {a: self._snapshot(a, self.env[a]) for a in n.all_input_nodes}
-        out = super().run_node(n)
-        if n in self.sites:
-            self.values[n][n] = self._snapshot(n, out)
-        return out
+        for out, chain in self.readers.get(n, ()):
+            seen = self.values[out]
+            seen.update({a: self._snapshot(a, self.env[a]) for a in n.all_input_nodes if a not in chain and a not in seen})
+        result = super().run_node(n)
+        if n in self.values:
+            self.values[n][n] = self._snapshot(n, result)
+        return result
 
 
 def _concrete(x):
@@ -78,9 +84,10 @@ def _concrete(x):
 
 
 @torch.no_grad()
-def capture(gm: fx.GraphModule, example_inputs: list, sites: set[fx.Node]) -> dict[fx.Node, dict[fx.Node, object]]:
-    """Run the original graph once on the example inputs; per site node, the values it read and produced."""
-    recorder = _Recorder(gm, sites, _mutated(gm))
+def capture(gm: fx.GraphModule, example_inputs: list, chains: dict[fx.Node, list[fx.Node]]) -> dict[fx.Node, dict]:
+    """Run the original graph once on the example inputs. For each site, given as its last node -> its chain of
+    nodes: the values the chain reads from outside (as read) and the value it produces."""
+    recorder = _Recorder(gm, chains, _mutated(gm))
     recorder.run(*map(_concrete, example_inputs))
     return recorder.values
 

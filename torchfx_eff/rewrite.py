@@ -25,7 +25,9 @@ class Rewriter:
             return type(arg)(self._arg(a, before, prefix) for a in arg)
         return arg
 
-    def apply(self, node: fx.Node, rep: Replacement, prefix: str) -> fx.Node:
+    def apply(self, chain: list[fx.Node], rep: Replacement, prefix: str) -> fx.Node:
+        """Replace the last node of `chain` by rep's call; the chain's other nodes, now unused, go too."""
+        node = chain[-1]
         self.packed += [(t, t._version) for t in rep.sources.values()]
         args = self._arg(rep.args, node, prefix)
         kwargs = {k: self._arg(v, node, prefix) for k, v in rep.kwargs.items()}
@@ -33,7 +35,9 @@ class Rewriter:
             new = self.gm.graph.call_function(rep.op, args, kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
-        self.gm.graph.erase_node(node)
+        for n in reversed(chain):  # users before producers
+            if not n.users:
+                self.gm.graph.erase_node(n)
         self.replaced[node] = new
         return new
 

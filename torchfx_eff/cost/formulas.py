@@ -52,5 +52,18 @@ def attention(kernel: str):
     return cost
 
 
+def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
+    """Eager attention: two matmuls, and the score matrix written and read by each op between them
+    (scale, mask, softmax in fp32, cast): about seven passes and six launches."""
+    B, H, Lq, Lk, D, Dv = (site.dims[d] for d in ("B", "H", "Lq", "Lk", "D", "Dv"))
+    b = itemsize(site.dtype)
+    matmuls = roofline(2 * B * H * Lq * Lk * (D + Dv), (B * H * (Lq + Lk) * (D + Dv)) * b, spec, site.dtype,
+                       f"dense_{dtype_name(site.dtype)}", launches=2)
+    scores = B * H * Lq * Lk
+    passes = roofline(0, scores * (6 * b + 8 + (b if site.mask is not None else 0)), spec, site.dtype, "elementwise",
+                      launches=4)
+    return matmuls + passes
+
+
 def evaluate(expr: sympy.Expr, hints: dict) -> float:
     return float(expr.xreplace(hints))

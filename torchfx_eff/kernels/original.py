@@ -6,4 +6,11 @@ from .sdpa import dispatched_cost
 always = lambda site, spec: None
 
 register(Implementation("original", "linear", always, formulas.linear_dense, replace=None))
-register(Implementation("original", "attention", always, dispatched_cost, replace=None))
+
+
+def attention_as_spelled(site, spec):
+    """The SDPA op costs what torch dispatches it to; eager attention costs its separate passes."""
+    return dispatched_cost(site, spec) if site.op == "sdpa" else formulas.attention_unfused(site, spec)
+
+
+register(Implementation("original", "attention", always, attention_as_spelled, replace=None))

@@ -36,6 +36,12 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
+def sdpa_from_kt(q, kt, v, attn_mask, is_causal, scale, enable_gqa, backend):
+    """The same, for eager attention's k^T: the transpose is a view Inductor folds away."""
+    return torch.ops.torchfx_eff.sdpa.default(q, kt.transpose(-2, -1), v, attn_mask, is_causal, scale, enable_gqa,
+                                              backend)
+
+
 def _flash_refusal(site) -> str | None:
     """Flash attention's own limits, beyond what torch's check reports on stderr only."""
     if site.mask is not None or site.dtype not in (torch.float16, torch.bfloat16):
@@ -52,7 +58,8 @@ def _cuda_applicable(name: str):
         if name == "sdpa_flash" and (reason := _flash_refusal(site)):
             return reason
         # torch's own check is the authority; it explains a refusal only on stderr, hence the generic reason
-        params = torch.backends.cuda.SDPAParams(fake(site.q), fake(site.k), fake(site.v), fake(site.mask), 0.0,
+        k = fake(site.k).transpose(-2, -1) if site.k_transposed else fake(site.k)
+        params = torch.backends.cuda.SDPAParams(fake(site.q), k, fake(site.v), fake(site.mask), 0.0,
                                                 site.is_causal, site.enable_gqa)
         ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, False)
         return None if ok else f"torch.backends.cuda.{_CUDA_CHECKS[name]} refused this shape/dtype/layout"
@@ -84,8 +91,8 @@ def _cpu_applicable(site, spec) -> str | None:
 
 def _replace(name: str):
     def replace(site) -> Replacement:
-        return Replacement(torch.ops.torchfx_eff.sdpa.default,
-                           (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa, name))
+        op = sdpa_from_kt if site.k_transposed else torch.ops.torchfx_eff.sdpa.default
+        return Replacement(op, (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa, name))
 
     return replace
 

@@ -1,6 +1,7 @@
-"""Attention sites: the SDPA op in all its argument forms; eager spellings are reported as missed."""
+"""Attention sites: the SDPA op in all its argument forms, and eager softmax attention."""
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import torch
@@ -20,8 +21,7 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
         if node.op == "call_function" and node.target is SDPA:
             yield _sdpa_site(node)
         elif _is_softmax(node) and _near(node, "up", 4, _is_matmul) and _near(node, "down", 3, _is_matmul):
-            yield Miss("attention", node, "softmax", location(node),
-                       "eager attention (matmul -> softmax -> matmul) is not matched yet; only the SDPA op is")
+            yield _eager_site(node)
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite | Miss:
@@ -42,6 +42,74 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Miss:
         node=node, op="sdpa", location=where, dtype=q.dtype, device=q.device, dims=dims,
         hints=hints_of([*q.shape, *k.shape, *v.shape]), q=a["query"], k=a["key"], v=a["value"],
         mask=a.get("attn_mask"), is_causal=bool(is_causal), scale=scale, enable_gqa=bool(gqa),
+    )
+
+
+CASTS = ("to", "type", "float", "half", "bfloat16", "type_as")
+SCALES = {operator.mul: False, torch.mul: False, operator.truediv: True, torch.div: True}  # op -> divides
+ADDS = (operator.add, torch.add)
+
+
+def _is_identity_after_softmax(n: fx.Node) -> bool:
+    """A cast, or dropout that is off (eval or p=0)."""
+    if n.op == "call_method" and n.target in CASTS:
+        return True
+    if n.op == "call_function" and n.target is F.dropout:
+        a = bind(n, ("input", "p", "training", "inplace"))
+        return a.get("training", True) is False or a.get("p", 0.5) == 0
+    return False
+
+
+def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
+    """matmul(q, kᵀ) [* or / scale] [+ mask] -> softmax(-1) [cast] [dropout off] -> matmul(·, v)."""
+    where = location(softmax)
+    miss = lambda why: Miss("attention", softmax, "eager", where, f"eager attention not taken: {why}")
+    chain = [softmax]
+    out = softmax
+    while len(out.users) == 1 and _is_identity_after_softmax(next(iter(out.users))):
+        out = next(iter(out.users))
+        chain.append(out)
+    pv = next(iter(out.users)) if len(out.users) == 1 else None
+    if pv is None or not _is_matmul(pv) or pv.target is torch.einsum or pv.args[0] is not out:
+        return miss("softmax output is not consumed by one matmul with v (directly, or through a cast or dropout)")
+    chain.append(pv)
+    a = bind(softmax, ("input", "dim"))
+    ndim = fake(softmax).dim() if fake(softmax) is not None else -1
+    if a.get("dim") not in (-1, ndim - 1):
+        return miss(f"softmax over dim {a.get('dim')}, not the last")
+    scale, mask, scaled, x = 1.0, None, False, a["input"]
+    while not _is_matmul(x):
+        if len(x.users) != 1:
+            return miss(f"{x.name} between the scores and softmax is used elsewhere too")
+        chain.insert(0, x)
+        if x.op == "call_method" and x.target in CASTS:
+            x = x.args[0]
+        elif x.op == "call_function" and x.target in SCALES and isinstance(x.args[1], (int, float)):
+            scale = scale / x.args[1] if SCALES[x.target] else scale * x.args[1]
+            scaled, x = True, x.args[0]
+        elif x.op == "call_function" and x.target in ADDS and len(x.args) == 2 and not x.kwargs:
+            if mask is not None or scaled:
+                return miss("a second additive term, or a mask added before the scale")
+            scores_first = _near(x.args[0], "up", 3, _is_matmul) or _is_matmul(x.args[0])
+            x, mask = (x.args[0], x.args[1]) if scores_first else (x.args[1], x.args[0])
+            if not isinstance(mask, fx.Node) or fake(mask) is None or not fake(mask).is_floating_point():
+                return miss("the additive mask is not a floating-point tensor")
+        else:
+            return miss(f"{x.op} {getattr(x.target, '__name__', x.target)} between the scores and softmax")
+    if len(x.users) != 1 or x.target is torch.einsum:
+        return miss("the score matmul is an einsum or is used elsewhere too")
+    chain.insert(0, x)
+    q, kt, v = x.args[0], x.args[1], pv.args[1]
+    fq, fkt, fv = fake(q), fake(kt), fake(v)
+    if fq is None or fkt is None or fv is None or fq.dim() < 2:
+        return miss("no tensor shape metadata for q, k or v")
+    heads = lambda t: t.shape[-3] if t.dim() >= 3 else 1
+    dims = {"B": numel(fq.shape[:-3]), "H": sym(heads(fq)), "Hkv": sym(heads(fkt)), "Lq": sym(fq.shape[-2]),
+            "Lk": sym(fkt.shape[-1]), "D": sym(fq.shape[-1]), "Dv": sym(fv.shape[-1])}
+    return AttentionSite(
+        node=pv, op="eager", location=where, dtype=fq.dtype, device=fq.device, dims=dims,
+        hints=hints_of([*fq.shape, *fkt.shape, *fv.shape]), chain=chain, q=q, k=kt, v=v, mask=mask,
+        scale=float(scale), k_transposed=True,
     )
 
 

@@ -19,6 +19,10 @@ class Site:
     device: torch.device
     dims: dict[str, sympy.Expr]  # named sizes over the graph's symbols
     hints: dict[sympy.Symbol, int] = field(default_factory=dict)
+    chain: list[fx.Node] = field(default_factory=list)  # every node the rewrite replaces, `node` last
+
+    def __post_init__(self):
+        self.chain = self.chain or [self.node]
 
     def size(self, name: str) -> int:
         """A named size at the example inputs."""
@@ -52,6 +56,7 @@ class AttentionSite(Site):
     is_causal: bool = False
     scale: float | None = None
     enable_gqa: bool = False
+    k_transposed: bool = False  # k is given as k^T (eager attention's matmul operand)
 
 
 @dataclass
