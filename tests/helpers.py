@@ -56,25 +56,29 @@ def linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def count_calls(model: torch.nn.Module):
-    """Count, during an eager run, nn.Linear/Conv1D forward calls (hooks) and SDPA calls (a wrapped
-    torch.nn.functional.scaled_dot_product_attention). Yields a dict filled in as the model runs."""
-    counts = {"linear": 0, "attention": 0}
+    """Count, during an eager run, nn.Linear/Conv1D forward calls (hooks), SDPA calls and softmax calls (wrapped
+    torch.nn.functional functions; eager attention calls softmax once). Yields a dict filled in as the model runs."""
+    counts = {"linear": 0, "attention": 0, "softmax": 0}
 
     def hook(*_):
         counts["linear"] += 1
 
-    real_sdpa = F.scaled_dot_product_attention
+    real_sdpa, real_softmax = F.scaled_dot_product_attention, F.softmax
 
-    def counting_sdpa(*args, **kwargs):
-        counts["attention"] += 1
-        return real_sdpa(*args, **kwargs)
+    def counting(key, real):
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+
+        return call
 
     handles = [m.register_forward_hook(hook) for m in linear_modules(model)]
-    F.scaled_dot_product_attention = counting_sdpa
+    F.scaled_dot_product_attention = counting("attention", real_sdpa)
+    F.softmax = counting("softmax", real_softmax)
     try:
         yield counts
     finally:
-        F.scaled_dot_product_attention = real_sdpa
+        F.scaled_dot_product_attention, F.softmax = real_sdpa, real_softmax
         for h in handles:
             h.remove()
 

@@ -1,6 +1,9 @@
 """PyTorch's SDPA backends as candidates: the same math, pinned to one kernel with sdpa_kernel()."""
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,9 +40,18 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
 
 
 def sdpa_from_kt(q, kt, v, attn_mask, is_causal, scale, enable_gqa, backend):
-    """The same, for eager attention's k^T: the transpose is a view Inductor folds away."""
+    """The same, for eager attention: k arrives as k^T (a view Inductor folds away) and the mask may be
+    several additive terms (T5's position bias and padding mask), summed once here."""
+    if isinstance(attn_mask, (list, tuple)):
+        attn_mask = functools.reduce(operator.add, attn_mask)
     return torch.ops.torchfx_eff.sdpa.default(q, kt.transpose(-2, -1), v, attn_mask, is_causal, scale, enable_gqa,
                                               backend)
+
+
+def _fake_mask(site):
+    masks = site.mask if isinstance(site.mask, tuple) else (site.mask,)
+    fakes = [fake(m) for m in masks if m is not None]
+    return functools.reduce(operator.add, fakes) if fakes else None
 
 
 def _flash_refusal(site) -> str | None:
@@ -59,7 +71,7 @@ def _cuda_applicable(name: str):
             return reason
         # torch's own check is the authority; it explains a refusal only on stderr, hence the generic reason
         k = fake(site.k).transpose(-2, -1) if site.k_transposed else fake(site.k)
-        params = torch.backends.cuda.SDPAParams(fake(site.q), k, fake(site.v), fake(site.mask), 0.0,
+        params = torch.backends.cuda.SDPAParams(fake(site.q), k, fake(site.v), _fake_mask(site), 0.0,
                                                 site.is_causal, site.enable_gqa)
         ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, False)
         return None if ok else f"torch.backends.cuda.{_CUDA_CHECKS[name]} refused this shape/dtype/layout"

@@ -77,7 +77,7 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
     ndim = fake(softmax).dim() if fake(softmax) is not None else -1
     if a.get("dim") not in (-1, ndim - 1):
         return miss(f"softmax over dim {a.get('dim')}, not the last")
-    scale, mask, scaled, x = 1.0, None, False, a["input"]
+    scale, terms, scaled, x = 1.0, [], False, a["input"]
     while not _is_matmul(x):
         if len(x.users) != 1:
             return miss(f"{x.name} between the scores and softmax is used elsewhere too")
@@ -88,12 +88,13 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
             scale = scale / x.args[1] if SCALES[x.target] else scale * x.args[1]
             scaled, x = True, x.args[0]
         elif x.op == "call_function" and x.target in ADDS and len(x.args) == 2 and not x.kwargs:
-            if mask is not None or scaled:
-                return miss("a second additive term, or a mask added before the scale")
+            if scaled:
+                return miss("a mask or bias added before the scale")
             scores_first = _near(x.args[0], "up", 3, _is_matmul) or _is_matmul(x.args[0])
-            x, mask = (x.args[0], x.args[1]) if scores_first else (x.args[1], x.args[0])
-            if not isinstance(mask, fx.Node) or fake(mask) is None or not fake(mask).is_floating_point():
-                return miss("the additive mask is not a floating-point tensor")
+            x, term = (x.args[0], x.args[1]) if scores_first else (x.args[1], x.args[0])
+            if not isinstance(term, fx.Node) or fake(term) is None or not fake(term).is_floating_point():
+                return miss("an additive mask or bias that is not a floating-point tensor")
+            terms.insert(0, term)
         else:
             return miss(f"{x.op} {getattr(x.target, '__name__', x.target)} between the scores and softmax")
     if len(x.users) != 1 or x.target is torch.einsum:
@@ -108,7 +109,8 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
             "Lk": sym(fkt.shape[-1]), "D": sym(fq.shape[-1]), "Dv": sym(fv.shape[-1])}
     return AttentionSite(
         node=pv, op="eager", location=where, dtype=fq.dtype, device=fq.device, dims=dims,
-        hints=hints_of([*fq.shape, *fkt.shape, *fv.shape]), chain=chain, q=q, k=kt, v=v, mask=mask,
+        hints=hints_of([*fq.shape, *fkt.shape, *fv.shape]), chain=chain, q=q, k=kt, v=v,
+        mask=tuple(terms) if len(terms) > 1 else (terms[0] if terms else None),
         scale=float(scale), k_transposed=True,
     )
 

@@ -52,7 +52,7 @@ class AttentionSite(Site):
     q: fx.Node = None
     k: fx.Node = None
     v: fx.Node = None
-    mask: fx.Node | None = None
+    mask: fx.Node | tuple[fx.Node, ...] | None = None  # several additive terms (T5: bias + mask) are summed
     is_causal: bool = False
     scale: float | None = None
     enable_gqa: bool = False
