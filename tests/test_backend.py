@@ -399,3 +399,23 @@ def test_graphs_share_one_packed_copy_of_a_parameter():
         compiled(model)(torch.randint(0, 128, (1, 1)))
     q2 = _PACKED[model.lm_head.weight]["int8_per_channel_nk"][1][0]
     assert q2 is not q1 and torch.equal(q2, -q1)
+
+
+class _ScaleFirstDivAndBias(torch.nn.Module):
+    """Other spellings of the same math: scalar on the left, division, bias then mask, softmax as a method."""
+
+    def forward(self, q, k, v, bias, mask):
+        scores = (0.5 * (q @ k.transpose(-2, -1))) / 4.0
+        return ((scores + bias) + mask).softmax(dim=-1) @ v
+
+
+def test_eager_attention_scale_and_terms_in_other_spellings_match_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    bias, mask = torch.randn(1, 2, 8, 8), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask, scale=0.125)
+        out = compiled(_ScaleFirstDivAndBias())(q, k, v, bias, mask)
+    [s] = sites("attention")
+    assert (s.op, s.status, s.chosen) == ("eager", "rewritten", "sdpa_cpu"), s.reason
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

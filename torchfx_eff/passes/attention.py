@@ -20,7 +20,7 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
     for node in info.gm.graph.nodes:
         if node.op == "call_function" and node.target is SDPA:
             yield _sdpa_site(node)
-        elif _is_softmax(node) and _near(node, "up", 4, _is_matmul) and _near(node, "down", 3, _is_matmul):
+        elif _is_softmax(node) and _near(node, "up", 8, _is_matmul) and _near(node, "down", 4, _is_matmul):
             yield _eager_site(node)
 
 
@@ -60,6 +60,16 @@ def _is_identity_after_softmax(n: fx.Node) -> bool:
     return False
 
 
+def _scaled_operand(n: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor, number) of `tensor * number`, `number * tensor` or `tensor / number`; else None."""
+    a, b = n.args[:2] if len(n.args) >= 2 else (None, None)
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)):
+        return a, b
+    if not SCALES[n.target] and isinstance(a, (int, float)) and isinstance(b, fx.Node):
+        return b, a
+    return None
+
+
 def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
     """matmul(q, kᵀ) [* or / scale] [+ mask] -> softmax(-1) [cast] [dropout off] -> matmul(·, v)."""
     where = location(softmax)
@@ -84,9 +94,10 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
         chain.insert(0, x)
         if x.op == "call_method" and x.target in CASTS:
             x = x.args[0]
-        elif x.op == "call_function" and x.target in SCALES and isinstance(x.args[1], (int, float)):
-            scale = scale / x.args[1] if SCALES[x.target] else scale * x.args[1]
-            scaled, x = True, x.args[0]
+        elif x.op == "call_function" and x.target in SCALES and (operand := _scaled_operand(x)) is not None:
+            divides = SCALES[x.target]
+            x, c = operand
+            scale, scaled = (scale / c if divides else scale * c), True
         elif x.op == "call_function" and x.target in ADDS and len(x.args) == 2 and not x.kwargs:
             if scaled:
                 return miss("a mask or bias added before the scale")
