@@ -95,7 +95,7 @@ def test_wrong_kernel_output_is_caught_by_the_gate(monkeypatch, llama_bf16):
         assert s.status == "fallback" and s.chosen == "original", s
         assert "int8_weight_only failed the gate" in s.reason and "SQNR" in s.reason, s.reason
         assert s.sqnr_db is None and s.weight_bytes is None
-    assert sites(status="rewritten") == []
+    assert sites("linear", "rewritten") == []
     assert torch.equal(out, ref)  # the unoptimized computation
 
 

@@ -52,6 +52,12 @@ def attention(kernel: str):
     return cost
 
 
+def repeat_kv(site, spec: DeviceSpec) -> sympy.Expr:
+    """What the original pays for GQA by repeating K/V heads: the expanded copy written, and read at H heads."""
+    B, H, Lk, D, Dv = (site.dims[d] for d in ("B", "H", "Lk", "D", "Dv"))
+    return roofline(0, 2 * B * H * Lk * (D + Dv) * itemsize(site.dtype), spec, site.dtype, "elementwise", launches=2)
+
+
 def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
     """Eager attention: two matmuls, and the score matrix written and read by each op between them
     (scale, mask, softmax in fp32, cast): about seven passes and six launches."""

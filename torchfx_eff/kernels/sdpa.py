@@ -39,13 +39,13 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def sdpa_from_kt(q, kt, v, attn_mask, is_causal, scale, enable_gqa, backend):
-    """The same, for eager attention: k arrives as k^T (a view Inductor folds away) and the mask may be
-    several additive terms (T5's position bias and padding mask), summed once here."""
+def sdpa_site(q, k, v, attn_mask, is_causal, scale, enable_gqa, k_transposed, backend):
+    """An attention site as one pinned SDPA call. Eager attention's k may arrive as k^T (a view Inductor folds
+    away) and its mask as several additive terms (T5's position bias and padding mask), summed once here."""
     if isinstance(attn_mask, (list, tuple)):
         attn_mask = functools.reduce(operator.add, attn_mask)
-    return torch.ops.torchfx_eff.sdpa.default(q, kt.transpose(-2, -1), v, attn_mask, is_causal, scale, enable_gqa,
-                                              backend)
+    k = k.transpose(-2, -1) if k_transposed else k
+    return torch.ops.torchfx_eff.sdpa.default(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend)
 
 
 def _fake_mask(site):
@@ -103,8 +103,8 @@ def _cpu_applicable(site, spec) -> str | None:
 
 def _replace(name: str):
     def replace(site) -> Replacement:
-        op = sdpa_from_kt if site.k_transposed else torch.ops.torchfx_eff.sdpa.default
-        return Replacement(op, (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa, name))
+        return Replacement(sdpa_site, (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa,
+                                       site.k_transposed, name))
 
     return replace
 

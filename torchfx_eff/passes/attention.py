@@ -24,6 +24,47 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
             yield _eager_site(node)
 
 
+def _unrepeat(node) -> tuple[fx.Node, int, list[fx.Node]] | None:
+    """(base, n_rep, view nodes) if `node` repeats the heads (dim 1) of a [B, Hkv, L, D] base: repeat_kv's
+    base[:, :, None].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv * n_rep, L, D), or repeat_interleave."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_method", "call_function"):
+        return None
+    if node.target in ("repeat_interleave", torch.repeat_interleave):
+        a = bind(node, ("input", "repeats", "dim"))
+        base = a.get("input")
+        if isinstance(a.get("repeats"), int) and fake(base) is not None and fake(base).dim() == 4 and a.get("dim") in (1, -3):
+            return base, a["repeats"], [node]
+        return None
+    expand = node.args[0] if node.target in ("reshape", "view") else None
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    item = expand.args[0]
+    if not (isinstance(item, fx.Node) and item.op == "call_function" and item.target is operator.getitem):
+        return None
+    base = item.args[0]
+    fb, fi, fe, fo = fake(base), fake(item), fake(expand), fake(node)
+    if any(t is None for t in (fb, fi, fe, fo)) or fb.dim() != 4 or fe.dim() != 5 or not isinstance(fe.shape[2], int):
+        return None
+    b, h, l, d = (sym(s) for s in fb.shape)
+    n = fe.shape[2]
+    shapes_ok = ([sym(s) for s in fi.shape] == [b, h, 1, l, d] and [sym(s) for s in fe.shape] == [b, h, n, l, d]
+                 and [sym(s) for s in fo.shape] == [b, h * n, l, d])
+    return (base, n, [item, expand, node]) if shapes_ok else None
+
+
+def _fold_gqa(k, v, k_transposed: bool):
+    """(k, v, k_transposed, n_rep, view nodes) with repeated K/V heads folded back to the base tensors."""
+    kt_view = None
+    if k_transposed and k.op == "call_method" and k.target == "transpose" and len(k.args) == 3:
+        ndim = fake(k).dim() if fake(k) is not None else 0
+        if {a % ndim for a in k.args[1:]} == {ndim - 2, ndim - 1}:
+            kt_view, k = k, k.args[0]
+    uk, uv = _unrepeat(k), _unrepeat(v)
+    if (k_transposed and kt_view is None) or uk is None or uv is None or uk[1] != uv[1] or uk[1] < 2:
+        return None
+    return uk[0], uv[0], False, uk[1], uk[2] + ([kt_view] if kt_view is not None else []) + uv[2]
+
+
 def _sdpa_site(node: fx.Node) -> AttentionSite | Miss:
     a = bind(node, SDPA_ARGS)
     where = location(node)
@@ -35,13 +76,17 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Miss:
         return Miss("attention", node, "sdpa", where, f"dropout_p={dropout} (training); only dropout-free attention is rewritten")
     if any(isinstance(x, fx.Node) for x in (is_causal, gqa)):  # a run-time scale is just passed along
         return Miss("attention", node, "sdpa", where, "is_causal or enable_gqa is a run-time value")
+    key, value, views, repeat = a["key"], a["value"], [], 1
+    if not gqa and (folded := _fold_gqa(key, value, k_transposed=False)):
+        key, value, _, repeat, views = folded
+        k, v, gqa = fake(key), fake(value), True
     heads = lambda t: t.shape[-3] if t.dim() >= 3 else 1
     dims = {"B": numel(q.shape[:-3]), "H": sym(heads(q)), "Hkv": sym(heads(k)), "Lq": sym(q.shape[-2]),
             "Lk": sym(k.shape[-2]), "D": sym(q.shape[-1]), "Dv": sym(v.shape[-1])}
     return AttentionSite(
         node=node, op="sdpa", location=where, dtype=q.dtype, device=q.device, dims=dims,
-        hints=hints_of([*q.shape, *k.shape, *v.shape]), q=a["query"], k=a["key"], v=a["value"],
-        mask=a.get("attn_mask"), is_causal=bool(is_causal), scale=scale, enable_gqa=bool(gqa),
+        hints=hints_of([*q.shape, *k.shape, *v.shape]), chain=[*views, node], q=a["query"], k=key, v=value,
+        mask=a.get("attn_mask"), is_causal=bool(is_causal), scale=scale, enable_gqa=bool(gqa), kv_repeat=repeat,
     )
 
 
@@ -111,18 +156,22 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | Miss:
     if len(x.users) != 1 or x.target is torch.einsum:
         return miss("the score matmul is an einsum or is used elsewhere too")
     chain.insert(0, x)
-    q, kt, v = x.args[0], x.args[1], pv.args[1]
-    fq, fkt, fv = fake(q), fake(kt), fake(v)
-    if fq is None or fkt is None or fv is None or fq.dim() < 2:
+    q, k, v = x.args[0], x.args[1], pv.args[1]
+    if fake(q) is None or fake(k) is None or fake(v) is None or fake(q).dim() < 2:
         return miss("no tensor shape metadata for q, k or v")
+    k_transposed, gqa, repeat = True, False, 1
+    if folded := _fold_gqa(k, v, k_transposed=True):
+        k, v, k_transposed, repeat, views = folded
+        chain[:0], gqa = views, True
+    fq, fk, fv = fake(q), fake(k), fake(v)
     heads = lambda t: t.shape[-3] if t.dim() >= 3 else 1
-    dims = {"B": numel(fq.shape[:-3]), "H": sym(heads(fq)), "Hkv": sym(heads(fkt)), "Lq": sym(fq.shape[-2]),
-            "Lk": sym(fkt.shape[-1]), "D": sym(fq.shape[-1]), "Dv": sym(fv.shape[-1])}
+    dims = {"B": numel(fq.shape[:-3]), "H": sym(heads(fq)), "Hkv": sym(heads(fk)), "Lq": sym(fq.shape[-2]),
+            "Lk": sym(fk.shape[-1] if k_transposed else fk.shape[-2]), "D": sym(fq.shape[-1]), "Dv": sym(fv.shape[-1])}
     return AttentionSite(
         node=pv, op="eager", location=where, dtype=fq.dtype, device=fq.device, dims=dims,
-        hints=hints_of([*fq.shape, *fkt.shape, *fv.shape]), chain=chain, q=q, k=kt, v=v,
+        hints=hints_of([*fq.shape, *fk.shape, *fv.shape]), chain=chain, q=q, k=k, v=v,
         mask=tuple(terms) if len(terms) > 1 else (terms[0] if terms else None),
-        scale=float(scale), k_transposed=True,
+        scale=float(scale), k_transposed=k_transposed, enable_gqa=gqa, kv_repeat=repeat,
     )
 
 

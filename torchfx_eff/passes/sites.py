@@ -57,6 +57,7 @@ class AttentionSite(Site):
     scale: float | None = None
     enable_gqa: bool = False
     k_transposed: bool = False  # k is given as k^T (eager attention's matmul operand)
+    kv_repeat: int = 1  # the original repeats K/V heads this many times (repeat_kv); the site reads them unrepeated
 
 
 @dataclass
