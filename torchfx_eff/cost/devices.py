@@ -20,6 +20,7 @@ class DeviceSpec:
     launch_s: float  # fixed cost of one kernel launch or op dispatch
     # kernel key -> (fraction of `flops`, fraction of `bandwidth`) that kernel reaches
     efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    custom_op_s: float = 0.0  # extra fixed cost of calling a Python-implemented custom op (torch.library)
 
     def eff(self, kernel: str) -> tuple[float, float]:
         return self.efficiency.get(kernel, (1.0, 1.0))
@@ -39,7 +40,8 @@ _HOPPER_EFFICIENCY = {
 
 def _gpu(name, bf16_flops, bandwidth, efficiency=_HOPPER_EFFICIENCY) -> DeviceSpec:
     flops = {"bfloat16": bf16_flops, "float16": bf16_flops, "float32": bf16_flops / 2}  # fp32 runs as TF32
-    return DeviceSpec(name, "cuda", flops, bandwidth, launch_s=4e-6, efficiency=dict(efficiency))
+    # custom_op_s: Python dispatch, as measured on CPU here (~15 us); unmeasured on GPUs
+    return DeviceSpec(name, "cuda", flops, bandwidth, launch_s=4e-6, custom_op_s=15e-6, efficiency=dict(efficiency))
 
 
 SPECS = {
@@ -96,7 +98,7 @@ def measured_cpu() -> DeviceSpec:
     global _cpu_spec
     if _cpu_spec is not None:
         return _cpu_spec
-    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}|spec=2"
     path = cache_dir() / "devices.json"
     cached = read_json(path, {})
     if key in cached:
@@ -134,4 +136,10 @@ def _measure_cpu() -> DeviceSpec:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     efficiency["sdpa_cpu"] = (4 * 8 * 512 * 512 * 64 / _seconds(lambda: sdpa(q, q, q)) / flops["float32"], 1.0)
     efficiency["elementwise"] = (1.0, 1.0)
-    return DeviceSpec(f"cpu:{cpu_model()}", "cpu", flops, bandwidth, launch_s, efficiency)
+    from ..kernels.sdpa import sdpa  # a real custom op, against the ATen call it wraps
+
+    small = torch.randn(1, 1, 1, 8)
+    custom_op_s = max(0.0, _seconds(lambda: [sdpa(small, small, small, None, False, None, False, "sdpa_cpu") for _ in range(50)])
+                      / 50 - _seconds(lambda: [torch.nn.functional.scaled_dot_product_attention(small, small, small)
+                                               for _ in range(50)]) / 50)
+    return DeviceSpec(f"cpu:{cpu_model()}", "cpu", flops, bandwidth, launch_s, efficiency, custom_op_s)

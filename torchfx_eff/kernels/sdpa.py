@@ -109,6 +109,12 @@ def _replace(name: str):
     return replace
 
 
+def _pinned_cost(name: str):
+    """The kernel's roofline plus the Python dispatch of the torchfx_eff::sdpa custom op around it."""
+    kernel = formulas.attention(name)
+    return lambda site, spec: kernel(site, spec) + spec.custom_op_s
+
+
 for _name in _CUDA_CHECKS:
-    register(Implementation(_name, "attention", _cuda_applicable(_name), formulas.attention(_name), _replace(_name)))
-register(Implementation("sdpa_cpu", "attention", _cpu_applicable, formulas.attention("sdpa_cpu"), _replace("sdpa_cpu")))
+    register(Implementation(_name, "attention", _cuda_applicable(_name), _pinned_cost(_name), _replace(_name)))
+register(Implementation("sdpa_cpu", "attention", _cpu_applicable, _pinned_cost("sdpa_cpu"), _replace("sdpa_cpu")))
