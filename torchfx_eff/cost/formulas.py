@@ -44,7 +44,7 @@ def attention(kernel: str):
         B, H, Hkv, Lq, Lk, D, Dv = (site.dims[d] for d in ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv"))
         flops = 2 * B * H * Lq * Lk * (D + Dv) * (sympy.Rational(1, 2) if site.is_causal else 1)
         nbytes = (B * H * Lq * (D + Dv) + B * Hkv * Lk * (D + Dv)) * itemsize(site.dtype)
-        if site.mask is not None:
+        if site.masked:
             nbytes += B * H * Lq * Lk * itemsize(site.dtype)  # at most one mask element per score
         return roofline(flops, nbytes, spec, site.dtype, kernel)
 
@@ -66,7 +66,7 @@ def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
     matmuls = roofline(2 * B * H * Lq * Lk * (D + Dv), (B * H * (Lq + Lk) * (D + Dv)) * b, spec, site.dtype,
                        f"dense_{dtype_name(site.dtype)}", launches=2)
     scores = B * H * Lq * Lk
-    passes = roofline(0, scores * (6 * b + 8 + (b if site.mask is not None else 0)), spec, site.dtype, "elementwise",
+    passes = roofline(0, scores * (6 * b + 8 + (b if site.masked else 0)), spec, site.dtype, "elementwise",
                       launches=4)
     return matmuls + passes
 

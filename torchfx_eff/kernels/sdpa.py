@@ -1,15 +1,13 @@
 """PyTorch's SDPA backends as candidates: the same math, pinned to one kernel with sdpa_kernel()."""
 from __future__ import annotations
 
-import functools
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cost import formulas
 from ..passes.graph import fake
+from .attention_inputs import site_key, site_mask
 from .registry import Implementation, Replacement, needs_device, needs_dtype, register
 
 BACKENDS = {
@@ -39,24 +37,26 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def sdpa_site(q, k, v, attn_mask, is_causal, scale, enable_gqa, k_transposed, backend):
-    """An attention site as one pinned SDPA call. Eager attention's k may arrive as k^T (a view Inductor folds
-    away) and its mask as several additive terms (T5's position bias and padding mask), summed once here."""
-    if isinstance(attn_mask, (list, tuple)):
-        attn_mask = functools.reduce(operator.add, attn_mask)
-    k = k.transpose(-2, -1) if k_transposed else k
-    return torch.ops.torchfx_eff.sdpa.default(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend)
+def sdpa_site(q, k, v, mask, mask_fill, is_causal, scale, enable_gqa, k_transposed, backend):
+    """An attention site as one pinned SDPA call."""
+    return torch.ops.torchfx_eff.sdpa.default(q, site_key(k, k_transposed), v, site_mask(mask, mask_fill, q.dtype),
+                                              is_causal, scale, enable_gqa, backend)
 
 
-def _fake_mask(site):
+def fake_mask(site):
+    """The site's mask as one fake tensor in SDPA's terms (None when it has none)."""
     masks = site.mask if isinstance(site.mask, tuple) else (site.mask,)
-    fakes = [fake(m) for m in masks if m is not None]
-    return functools.reduce(operator.add, fakes) if fakes else None
+    fill = (fake(site.mask_fill[0]), site.mask_fill[1]) if site.mask_fill else None
+    return site_mask(tuple(fake(m) for m in masks if m is not None), fill, site.dtype)
+
+
+def _sdpa_refusal(site) -> str | None:
+    return "softcap (tanh capping of the scores) is not an SDPA argument" if site.softcap is not None else None
 
 
 def _flash_refusal(site) -> str | None:
     """Flash attention's own limits, beyond what torch's check reports on stderr only."""
-    if site.mask is not None or site.dtype not in (torch.float16, torch.bfloat16):
+    if site.masked or site.dtype not in (torch.float16, torch.bfloat16):
         return "flash takes no attn_mask and only fp16/bf16"
     if not site.size("D") == site.size("Dv") <= 256:
         return "flash needs equal q/k and v head dims of at most 256"
@@ -65,13 +65,14 @@ def _flash_refusal(site) -> str | None:
 
 def _cuda_applicable(name: str):
     def applicable(site, spec) -> str | None:
-        if reason := needs_device(site, "cuda") or needs_dtype(site, (torch.float16, torch.bfloat16, torch.float32)):
+        if reason := (needs_device(site, "cuda") or needs_dtype(site, (torch.float16, torch.bfloat16, torch.float32))
+                      or _sdpa_refusal(site)):
             return reason
         if name == "sdpa_flash" and (reason := _flash_refusal(site)):
             return reason
         # torch's own check is the authority; it explains a refusal only on stderr, hence the generic reason
         k = fake(site.k).transpose(-2, -1) if site.k_transposed else fake(site.k)
-        params = torch.backends.cuda.SDPAParams(fake(site.q), k, fake(site.v), _fake_mask(site), 0.0,
+        params = torch.backends.cuda.SDPAParams(fake(site.q), k, fake(site.v), fake_mask(site), 0.0,
                                                 site.is_causal, site.enable_gqa)
         ok = getattr(torch.backends.cuda, _CUDA_CHECKS[name])(params, False)
         return None if ok else f"torch.backends.cuda.{_CUDA_CHECKS[name]} refused this shape/dtype/layout"
@@ -98,13 +99,14 @@ def dispatched_cost(site, spec):
 
 
 def _cpu_applicable(site, spec) -> str | None:
-    return needs_device(site, "cpu") or needs_dtype(site, (torch.float32, torch.bfloat16, torch.float16))
+    return (needs_device(site, "cpu") or needs_dtype(site, (torch.float32, torch.bfloat16, torch.float16))
+            or _sdpa_refusal(site))
 
 
 def _replace(name: str):
     def replace(site) -> Replacement:
-        return Replacement(sdpa_site, (site.q, site.k, site.v, site.mask, site.is_causal, site.scale, site.enable_gqa,
-                                       site.k_transposed, name))
+        return Replacement(sdpa_site, (site.q, site.k, site.v, site.mask, site.mask_fill, site.is_causal, site.scale,
+                                       site.enable_gqa, site.k_transposed, name))
 
     return replace
 

@@ -46,18 +46,28 @@ class LinearSite(Site):
 
 @dataclass
 class AttentionSite(Site):
-    """softmax(q k^T * scale + mask) v; dims B, H, Hkv, Lq, Lk, D, Dv."""
+    """softmax(cap(q k^T * scale) + mask) v; dims B, H, Hkv, Lq, Lk, D, Dv.
+
+    cap(s) = softcap * tanh(s / softcap) when softcap is set (Gemma 2), else s. mask follows SDPA: a bool tensor
+    is True where a key is attended, a float one is added. mask_fill = (cond, value) is masked_fill's spelling:
+    where cond holds the score is replaced by value (-inf, or finfo.min)."""
 
     kind: ClassVar[str] = "attention"
     q: fx.Node = None
     k: fx.Node = None
     v: fx.Node = None
     mask: fx.Node | tuple[fx.Node, ...] | None = None  # several additive terms (T5: bias + mask) are summed
+    mask_fill: tuple[fx.Node, float] | None = None
+    softcap: float | None = None
     is_causal: bool = False
     scale: float | None = None
     enable_gqa: bool = False
     k_transposed: bool = False  # k is given as k^T (eager attention's matmul operand)
     kv_repeat: int = 1  # the original repeats K/V heads this many times (repeat_kv); the site reads them unrepeated
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.mask_fill is not None
 
 
 @dataclass
