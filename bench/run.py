@@ -1,6 +1,7 @@
 """Benchmark entry point: one suite per call, JSON results beside their anchors, a short table last.
 
     python bench/run.py --suite cpu_decode            # writes bench/results/cpu_decode-<device>-<date>.json
+    python bench/run.py --suite gpu_attention         # on a GPU: kernels, per-site choice, decode, 1.1B prefill
 """
 from __future__ import annotations
 
@@ -69,7 +70,13 @@ def cpu_decode(args) -> list[dict]:
     return rows
 
 
-SUITES = {"cpu_decode": cpu_decode}
+def gpu_attention(args) -> list[dict]:
+    from attention import gpu_attention as suite
+
+    return suite(args)
+
+
+SUITES = {"cpu_decode": cpu_decode, "gpu_attention": gpu_attention}
 
 
 def main(argv=None) -> int:
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-e2e", action="store_true", help="gpu_attention: kernels only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -91,11 +99,13 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=1))
 
     print(f"\n{args.suite} on {result['device']}, commit {result['commit'][:12]} -> {path}")
-    print(f"{'figure':<34} {'value':>10} {'anchor':>10} {'ratio':>7} {'target':>7}")
+    print(f"{'figure (anchored)':<44} {'value':>10} {'anchor':>10} {'ratio':>7} {'target':>7}")
     for r in rows:
-        if isinstance(r["value"], (int, float)):
-            target = f"{r['target_ratio']:.2f}" if "target_ratio" in r else ""
-            print(f"{r['name']:<34} {r['value']:>10.1f} {r['anchor_value']:>10.1f} {r['ratio']:>6.2f}x {target:>7}")
+        if isinstance(r.get("value"), (int, float)) and r.get("anchor_value") is not None:
+            ratio = r.get("ratio", r["value"] / r["anchor_value"])
+            target = r.get("target_ratio", r.get("target"))
+            print(f"{r['name']:<44} {r['value']:>10.3g} {r['anchor_value']:>10.3g} {ratio:>6.2f}x "
+                  f"{'' if target is None else f'{target:.3g}':>7}")
     return 0
 
 

@@ -7,7 +7,7 @@
   vary by >10x between runs), and the cost model's decisions must not depend on it in CI. test_cost.py runs the real
   microbenchmark once on its own.
 - Every test starts and ends with a clean Dynamo cache and an empty torchfx_eff report, and a fixed seed.
-- The `gpu` marker tags tests that need CUDA.
+- The `gpu` marker tags tests that need CUDA. Without CUDA, Triton kernels run under TRITON_INTERPRET=1.
 """
 import logging
 import os
@@ -23,8 +23,13 @@ os.environ["TORCHFX_EFF_CACHE_DIR"] = _CACHE_DIR
 for _name in [k for k in os.environ if k.startswith("TORCHFX_EFF_") and k != "TORCHFX_EFF_CACHE_DIR"]:
     del os.environ[_name]
 
-import torchfx_eff
-from torchfx_eff.cost import devices
+# Without a GPU, Triton kernels run in Triton's interpreter; it is chosen when kernels are decorated, so before
+# torchfx_eff is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torchfx_eff  # noqa: E402
+from torchfx_eff.cost import devices  # noqa: E402
 
 PINNED_CPU = devices.DeviceSpec(
     name="cpu:pinned-for-tests", type="cpu",

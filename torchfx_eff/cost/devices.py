@@ -34,6 +34,7 @@ class DeviceSpec:
 # ATen's int8pack_mm on CUDA reaches only ~150 GB/s. A100 and L40S use vendor peaks scaled like Hopper's.
 _HOPPER_EFFICIENCY = {
     "sdpa_flash": (0.50, 0.7), "sdpa_cudnn": (0.85, 0.7), "sdpa_efficient": (0.25, 0.7), "sdpa_math": (0.10, 0.2),
+    "triton_flash": (0.6, 0.8),
     "dense_bfloat16": (1.0, 0.7), "dense_float16": (1.0, 0.7), "dense_float32": (1.0, 0.7), "int8pack": (0.2, 0.05),
 }
 

@@ -1,0 +1,152 @@
+"""GPU attention suite: triton_flash against SDPA's flash, cuDNN and efficient backends (bf16, same run), the
+per-site choice the cost model makes, split-K decode, and end-to-end prefill of a 1.1B Llama against
+torch.compile max-autotune."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import torchfx_eff
+from torchfx_eff.kernels.triton_flash import flash_attention
+
+SHAPES = [(4, 32, 4096, 128), (1, 32, 16384, 128), (16, 16, 1024, 64)]  # (B, H, L, D)
+DECODE = [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]  # (B, H, Hkv, Lk, D), one query
+BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _ms(fn) -> float | None:
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except RuntimeError:  # the backend refuses this shape
+        return None
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _candidates(q, k, v, causal, gqa=False):
+    out = {"triton_flash": lambda: flash_attention(q, k, v, None, causal)}
+    for name, backend in BACKENDS.items():
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        out[name] = run
+    return out
+
+
+class SDPA(torch.nn.Module):
+    def __init__(self, causal, gqa=False):
+        super().__init__()
+        self.causal, self.gqa = causal, gqa
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.gqa)
+
+
+def _choice(q, k, v, causal, gqa=False) -> str:
+    """What the cost model picks for this site, as it would in a user's graph."""
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    with torch.no_grad():
+        torch.compile(SDPA(causal, gqa), backend=torchfx_eff.backend(torchfx_eff.Config(inner="eager")))(q, k, v)
+    (site,) = [s for s in torchfx_eff.last_report().sites if s.kind == "attention"]
+    return site.chosen
+
+
+def _site_rows(label, times, flops, nbytes, chosen, original):
+    rows = []
+    times = {**times, "original": original}
+    best = min(t for t in times.values() if t is not None)
+    for name, ms in times.items():
+        if ms is None:
+            rows.append({"name": f"{label} {name}", "value": None, "note": "refused by the backend"})
+            continue
+        rows.append({"name": f"{label} {name}", "value": flops / ms / 1e9 if flops else nbytes / ms / 1e6,
+                     "unit": "TFLOP/s" if flops else "GB/s", "ms": ms})
+    picked = times[chosen]
+    rows.append({"name": f"{label} choice={chosen}", "value": picked, "unit": "ms", "anchor": "best candidate",
+                 "anchor_value": best, "ratio": best / picked, "target_ratio": 0.95})
+    return rows
+
+
+def kernels() -> list[dict]:
+    rows = []
+    for B, H, L, D in SHAPES:
+        for causal in (False, True):
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            err = (flash_attention(q, k, v, None, causal).float() - ref.float()).abs().max().item()
+            times = {name: _ms(fn) for name, fn in _candidates(q, k, v, causal).items()}
+            original = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            flops = 4 * B * H * L * L * D * (0.5 if causal else 1)
+            label = f"({B},{H},{L},{D}){' causal' if causal else ''}"
+            site = _site_rows(label, times, flops, 0, _choice(q, k, v, causal), original)
+            site[0]["max_abs_err_vs_sdpa"] = err
+            rows += site
+            for r in site:
+                if r["name"].endswith("triton_flash") and (B, H, L, D, causal) == (4, 32, 4096, 128, False):
+                    r.update(anchor="sdpa_cudnn", anchor_value=times["sdpa_cudnn"] and flops / times["sdpa_cudnn"] / 1e9,
+                             target=480.0)
+            del q, k, v
+    for B, H, Hkv, Lk, D in DECODE:
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, Lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        err = (flash_attention(q, k, v).float() - ref.float()).abs().max().item()
+        times = {name: _ms(fn) for name, fn in _candidates(q, k, v, False, gqa=True).items()}
+        original = _ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        site = _site_rows(f"decode Lk={Lk} Hkv={Hkv}", times, 0, 2 * B * Hkv * Lk * D * 2,
+                          _choice(q, k, v, False, gqa=True), original)
+        site[0]["max_abs_err_vs_sdpa"] = err
+        rows += site
+    return rows
+
+
+def _llama_1b():
+    import transformers as T
+
+    config = T.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192,
+                           attn_implementation="sdpa")
+    with torch.device("cuda"):
+        return T.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def prefill(P: int = 4096) -> list[dict]:
+    """Forward of a random-init 1.1B Llama (TinyLlama's shape) over P tokens: logits of the last position."""
+    model = _llama_1b()
+    ids = torch.randint(0, 32000, (1, P), device="cuda")
+    run = lambda m: m(ids, logits_to_keep=1).logits
+    rows, outs = [], {}
+    modes = {"max-autotune": lambda: torch.compile(model, mode="max-autotune-no-cudagraphs"),
+             "torchfx_eff": lambda: torch.compile(model, backend="torchfx_eff")}
+    times = {}
+    for name, make in modes.items():
+        torch._dynamo.reset()
+        torchfx_eff.reset()
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled = make()
+            outs[name] = run(compiled).float()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            times[name] = do_bench(lambda: run(compiled), warmup=5, rep=50, return_mode="median")
+        rows.append({"name": f"prefill P={P} {name}", "value": times[name], "unit": "ms", "compile_s": compile_s})
+        if name == "torchfx_eff":
+            rows[-1]["summary"] = torchfx_eff.last_report().summary()
+    mine = rows[-1]
+    mine.update(anchor="max-autotune", anchor_value=times["max-autotune"],
+                ratio=times["max-autotune"] / times["torchfx_eff"], target_ratio=1.0,
+                max_abs_logit_diff=(outs["torchfx_eff"] - outs["max-autotune"]).abs().max().item())
+    return rows
+
+
+def gpu_attention(args) -> list[dict]:
+    rows = kernels()
+    if not args.skip_e2e:
+        rows += prefill()
+    return rows
