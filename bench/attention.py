@@ -3,6 +3,7 @@ per-site choice the cost model makes, split-K decode, and end-to-end prefill of 
 torch.compile max-autotune."""
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -81,7 +82,7 @@ def kernels() -> list[dict]:
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             err = (flash_attention(q, k, v, None, causal).float() - ref.float()).abs().max().item()
             times = {name: _ms(fn) for name, fn in _candidates(q, k, v, causal).items()}
-            original = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            original = _ms(functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=causal))
             flops = 4 * B * H * L * L * D * (0.5 if causal else 1)
             label = f"({B},{H},{L},{D}){' causal' if causal else ''}"
             site = _site_rows(label, times, flops, 0, _choice(q, k, v, causal), original)
@@ -98,7 +99,7 @@ def kernels() -> list[dict]:
         ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         err = (flash_attention(q, k, v).float() - ref.float()).abs().max().item()
         times = {name: _ms(fn) for name, fn in _candidates(q, k, v, False, gqa=True).items()}
-        original = _ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        original = _ms(functools.partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True))
         site = _site_rows(f"decode Lk={Lk} Hkv={Hkv}", times, 0, 2 * B * Hkv * Lk * D * 2,
                           _choice(q, k, v, False, gqa=True), original)
         site[0]["max_abs_err_vs_sdpa"] = err
@@ -134,7 +135,7 @@ def prefill(P: int = 4096) -> list[dict]:
             outs[name] = run(compiled).float()
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - start
-            times[name] = do_bench(lambda: run(compiled), warmup=5, rep=50, return_mode="median")
+            times[name] = do_bench(functools.partial(run, compiled), warmup=5, rep=50, return_mode="median")
         rows.append({"name": f"prefill P={P} {name}", "value": times[name], "unit": "ms", "compile_s": compile_s})
         if name == "torchfx_eff":
             rows[-1]["summary"] = torchfx_eff.last_report().summary()

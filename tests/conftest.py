@@ -28,8 +28,8 @@ for _name in [k for k in os.environ if k.startswith("TORCHFX_EFF_") and k != "TO
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torchfx_eff  # noqa: E402
-from torchfx_eff.cost import devices  # noqa: E402
+import torchfx_eff
+from torchfx_eff.cost import devices
 
 PINNED_CPU = devices.DeviceSpec(
     name="cpu:pinned-for-tests", type="cpu",

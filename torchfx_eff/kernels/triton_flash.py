@@ -274,9 +274,9 @@ def flash_attention(q, k, v, mask=None, is_causal=False, scale=None, softcap=Non
     sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bias, kind, bstr = _bias_args(mask, B, H, Lq, Lk)
     group = H // Hkv
-    flags = dict(D=D, DV=DV, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-                 CAUSAL=bool(is_causal), BIAS=kind, SOFTCAP=softcap is not None, RESCALE=RESCALE_LOG2,
-                 IEEE=q.dtype == torch.float32)
+    flags = {"D": D, "DV": DV, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+             "BLOCK_DV": max(16, triton.next_power_of_2(DV)), "CAUSAL": bool(is_causal), "BIAS": kind,
+             "SOFTCAP": softcap is not None, "RESCALE": RESCALE_LOG2, "IEEE": q.dtype == torch.float32}
     qkvb = (q, k, v, bias if bias is not None else q)
     scalars = (sm_scale, float(softcap or 1.0), H, group, Lq, Lk)
     strides = (*q.stride(), *k.stride(), *v.stride(), *bstr)
