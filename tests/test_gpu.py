@@ -115,7 +115,10 @@ def test_pinned_backend_under_inductor_matches_eager():
 
 
 def test_original_attention_costed_as_the_kernel_torch_dispatches_to():
-    """No mask, bf16, head dim 64: torch dispatches to flash, so original and sdpa_flash estimates are equal."""
+    """The original SDPA call's estimate equals the pinned estimate of the backend torch really picks for it
+    (asked of torch's own dispatcher), less the custom op's dispatch."""
+    from torch.nn.attention import SDPBackend
+
     class Attn(torch.nn.Module):
         def forward(self, q, k, v):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -125,11 +128,14 @@ def test_original_attention_costed_as_the_kernel_torch_dispatches_to():
         compiled(Attn())(q, k, v)
     [s] = matched("attention")
     est = {c.name: c.estimate_us for c in s.candidates}
+    picked = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True))
+    name = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.CUDNN_ATTENTION: "sdpa_cudnn",
+            SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient"}[picked]
     dispatch_us = torchfx_eff.cost.detect(q.device).custom_op_s * 1e6  # what only the pinned custom op pays
-    assert est["original"] == pytest.approx(est["sdpa_flash"] - dispatch_us)
+    assert est["original"] == pytest.approx(est[name] - dispatch_us)
 
 
-def test_eager_attention_is_fused_into_a_cuda_sdpa_backend():
+def test_eager_attention_is_fused_into_a_cuda_kernel():
     model = make_model("llama", GPU_SIZES, torch.bfloat16, attn="eager").cuda()
     ids = torch.randint(0, 128, (1, 256), device="cuda")
     with torch.no_grad():
@@ -138,7 +144,7 @@ def test_eager_attention_is_fused_into_a_cuda_sdpa_backend():
     attention = matched("attention")
     assert len(attention) == GPU_SIZES["layers"]
     for s in attention:
-        assert s.op == "eager" and s.status == "rewritten" and s.chosen in CUDA_BACKENDS, s.reason
+        assert s.op == "eager" and s.status == "rewritten" and s.chosen in (*CUDA_BACKENDS, "triton_flash"), s.reason
         assert s.sqnr_db >= 35.0
     assert sqnr_ref(ref, out) >= 35.0
 

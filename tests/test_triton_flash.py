@@ -76,7 +76,9 @@ def test_block_shapes_and_softcap(block):
     torch.testing.assert_close(out.double(), reference(q, k, v, None, False, 0.3, 5.0), atol=2e-5, rtol=0)
 
 
-def test_running_max_growing_across_blocks_is_rescaled_exactly():
+@pytest.mark.parametrize("threshold", [triton_flash.RESCALE_LOG2, 0.0], ids=["conditional", "always"])
+def test_running_max_growing_across_blocks_is_rescaled_exactly(threshold, monkeypatch):
+    monkeypatch.setattr(triton_flash, "RESCALE_LOG2", threshold)
     """Scores rise by ~40 (log2 units) from the first key block to the last, so the running max moves past
     the 2^8 tolerance many times; a late small rise stays under it (the stale-max path)."""
     Lk = 256

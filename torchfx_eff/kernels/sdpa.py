@@ -16,6 +16,8 @@ BACKENDS = {
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_cpu": SDPBackend.FLASH_ATTENTION,  # the fused CPU kernel dispatches under the flash backend
 }
+_KERNEL = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient",
+           SDPBackend.CUDNN_ATTENTION: "sdpa_cudnn"}
 _CUDA_CHECKS = {
     "sdpa_flash": "can_use_flash_attention",
     "sdpa_cudnn": "can_use_cudnn_attention",
@@ -80,21 +82,37 @@ def _cuda_applicable(name: str):
     return applicable
 
 
+def _dispatch_order(spec) -> list[SDPBackend]:
+    """torch's priority order; since 2.9 torch tries cuDNN first on Hopper (measured here: an unpinned SDPA
+    call runs at cuDNN's speed on the H100), which the global order does not show."""
+    order = list(map(SDPBackend, torch._C._get_sdp_priority_order()))
+    if spec.name in ("h100", "h200") and torch.__version__ >= (2, 9):
+        order.remove(SDPBackend.CUDNN_ATTENTION)
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    return order
+
+
+def _cudnn_admits(site, spec) -> bool:
+    if site.device.type == "cuda":
+        return _cuda_applicable("sdpa_cudnn")(site, spec) is None
+    return site.dtype in (torch.float16, torch.bfloat16) and site.size("D") % 8 == 0 and site.size("D") <= 256
+
+
 def dispatched_cost(site, spec):
     """The original SDPA call, costed as the kernel PyTorch's dispatcher would pick on the spec's device:
-    on CUDA the first of flash and efficient (torch's priority order, ahead of math) whose rules admit the site."""
+    on CUDA the first fused backend in torch's priority order (ahead of math) whose rules admit the site."""
     if spec.type != "cuda":
         return formulas.attention("sdpa_cpu")(site, spec)
     admits = {
-        SDPBackend.FLASH_ATTENTION: _flash_refusal(site) is None,
-        SDPBackend.EFFICIENT_ATTENTION: site.size("D") % 8 == 0 and site.size("Dv") % 8 == 0,
+        SDPBackend.FLASH_ATTENTION: lambda: _flash_refusal(site) is None,
+        SDPBackend.EFFICIENT_ATTENTION: lambda: site.size("D") % 8 == 0 and site.size("Dv") % 8 == 0,
+        SDPBackend.CUDNN_ATTENTION: lambda: _cudnn_admits(site, spec),
     }
-    kernel = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient"}
-    for backend in map(SDPBackend, torch._C._get_sdp_priority_order()):
+    for backend in _dispatch_order(spec):
         if backend == SDPBackend.MATH:  # always applies; backends after it are never reached
             break
-        if admits.get(backend):
-            return formulas.attention(kernel[backend])(site, spec)
+        if backend in admits and admits[backend]():
+            return formulas.attention(_KERNEL[backend])(site, spec)
     return formulas.attention("sdpa_math")(site, spec)
 
 

@@ -28,7 +28,7 @@ from .attention_inputs import site_key, site_mask
 from .registry import Implementation, Replacement, needs_dtype, register
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
-RESCALE_LOG2 = 8.0  # FA4: tolerate a stale running max up to 2^8 below the true one (fp32 accumulators)
+RESCALE_LOG2 = 8.0  # FA4: tolerate a stale running max up to 2^8 below the true one (fp32 accumulators); 0: always
 BIAS_NONE, BIAS_FLOAT, BIAS_KEEP = 0, 1, 2
 INTERPRETER_SLOWDOWN = 1e4  # no mask, float mask added to the scores, bool mask (True attends)
 
@@ -56,36 +56,42 @@ def _attend(acc, m_i, l_i, q, K, V, Bias, bias_rows, q_pos, lo, hi, Lk, sm_scale
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = s * sm_scale
-        if SOFTCAP:  # softcap * tanh(s / softcap), tanh through the sigmoid
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        if SOFTCAP or BIAS == 1:  # scores in natural units first, then to log2 units
+            s = s * sm_scale
+            if SOFTCAP:  # softcap * tanh(s / softcap), tanh through the sigmoid
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+            to_log2 = LOG2E
+        else:  # the scale folds into the exponent's multiply-add
+            to_log2 = sm_scale * LOG2E
         if BIAS != 0:
             if BIAS_PER_KEY:
-                b_ptrs = Bias + offs_n * stride_bn
-                b = tl.load(b_ptrs, mask=offs_n < Lk, other=0)[None, :]
+                b = tl.load(Bias + offs_n * stride_bn, mask=offs_n < Lk, other=0)[None, :]
             else:
-                b_ptrs = Bias + bias_rows[:, None] + offs_n[None, :] * stride_bn
-                b = tl.load(b_ptrs, mask=offs_n[None, :] < Lk, other=0)
+                b = tl.load(Bias + bias_rows[:, None] + offs_n[None, :] * stride_bn, mask=offs_n[None, :] < Lk, other=0)
             if BIAS == 1:  # finfo.min stays finite in log2 units (a fully masked row averages, as in eager)
                 b = b.to(tl.float32)
                 s = tl.where(b == float("-inf"), b, tl.maximum(s + b, -2.0e38))
             else:
                 s = tl.where(b != 0, s, float("-inf"))
-        s = s * LOG2E
         if MASKED:
             ok = offs_n[None, :] < Lk
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # -inf - -inf would be nan for rows that saw no key yet: compare against a finite floor instead
-        grew = m_new - tl.maximum(m_i, -3.0e38)
-        if tl.max(grew, 0) > RESCALE:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * to_log2)
+        if RESCALE > 0:  # FA4: rescale only when some row's max grew past the tolerance
+            # -inf - -inf would be nan for rows that saw no key yet: compare against a finite floor instead
+            if tl.max(m_new - tl.maximum(m_i, -3.0e38), 0) > RESCALE:
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+        else:
             alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
             acc = acc * alpha[:, None]
             l_i = l_i * alpha
             m_i = m_new
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+        p = tl.exp2(s * to_log2 - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
         l_i = l_i + tl.sum(p, 1)
         if MASKED or DV != BLOCK_DV:
             v = tl.load(v_ptrs, mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
