@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -95,6 +96,8 @@ class Backend:
                 sites.append(s)
         with stage("cost"):
             spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
+            if torch._inductor.config.triton.cudagraphs and config.inner == "inductor":
+                spec = dataclasses.replace(spec, custom_op_s=0.0)  # replayed from a CUDA graph: no Python dispatch
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
             blocker = self._blocker(info)
             todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]

@@ -30,11 +30,12 @@ class DeviceSpec:
 
 
 # Hopper figures are this workplace's measurements (ANCHORS.md): GEMM 692-798 TFLOP/s bf16, copy 3.0 TB/s (H100)
-# and 4.3 TB/s (H200); SDPA flash 355, cuDNN 616, efficient 180 TFLOP/s; cuBLAS GEMV ~0.7 of copy bandwidth;
+# and 4.3 TB/s (H200); SDPA flash 355, cuDNN 556-632, efficient 180, triton_flash 488 TFLOP/s at head dim 128, and
+# at decode 2.3 (flash) / 2.6 TB/s (cuDNN, triton_flash) (bench/results/gpu_attention-*); cuBLAS GEMV ~0.7 of copy bandwidth;
 # ATen's int8pack_mm on CUDA reaches only ~150 GB/s. A100 and L40S use vendor peaks scaled like Hopper's.
 _HOPPER_EFFICIENCY = {
-    "sdpa_flash": (0.50, 0.7), "sdpa_cudnn": (0.85, 0.7), "sdpa_efficient": (0.25, 0.7), "sdpa_math": (0.10, 0.2),
-    "triton_flash": (0.6, 0.8),
+    "sdpa_flash": (0.50, 0.77), "sdpa_cudnn": (0.82, 0.88), "sdpa_efficient": (0.25, 0.7), "sdpa_math": (0.10, 0.2),
+    "triton_flash": (0.67, 0.88),
     "dense_bfloat16": (1.0, 0.7), "dense_float16": (1.0, 0.7), "dense_float32": (1.0, 0.7), "int8pack": (0.2, 0.05),
 }
 
