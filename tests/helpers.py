@@ -110,6 +110,26 @@ def matched(kind: str, report=None):
     return [s for s in sites(kind, report=report) if s.status != "missed"]
 
 
+@contextlib.contextmanager
+def found_sites(kind: str = "attention"):
+    """The Site and Miss objects the `kind` matcher yields while compiling in the block, in a list filled in as
+    graphs compile: what a site holds beyond its report record (scale, softcap, mask_fill, k_transposed)."""
+    from torchfx_eff import passes
+
+    found, real = [], passes.MATCHERS[kind]
+
+    def spy(info):
+        for s in real(info):
+            found.append(s)
+            yield s
+
+    passes.MATCHERS[kind] = spy
+    try:
+        yield found
+    finally:
+        passes.MATCHERS[kind] = real
+
+
 class LinearStack(torch.nn.Module):
     """Two bf16-sized linears with a nonlinearity: the smallest model whose linears get rewritten on CPU."""
 

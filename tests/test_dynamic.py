@@ -103,3 +103,48 @@ def test_dynamic_true_from_the_start_matches_symbolic_sites():
             assert "run-time value" in s.reason
         else:
             assert _is_symbolic(s.dims["Lq"])
+
+
+def test_eager_attention_is_matched_again_at_a_second_length():
+    """HF eager attention (additive causal mask, repeat_kv): the dynamic graph's sites have symbolic lengths."""
+    model = make_model("llama", SMALL, torch.float32, attn="eager")
+    with torch.no_grad(), count_calls(model) as counts:
+        model(torch.randint(0, 128, (1, 3)))
+    cm = compiled(model)
+    with torch.no_grad():
+        for length in (3, 5, 7):
+            ids = torch.randint(0, 128, (1, length))
+            torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert sites("graph") == [] and sites("attention", "missed") == []
+    graphs = _graph_ids()
+    assert len(graphs) == 2  # static for length 3, then one dynamic graph for 5 and 7
+    for g in graphs:
+        attention = [s for s in matched("attention") if s.graph_id == g]
+        assert len(attention) == counts["softmax"] and all(s.op == "eager" for s in attention)
+    for s in (s for s in matched("attention") if s.graph_id == graphs[1]):
+        assert _is_symbolic(s.dims["Lq"]) and _is_symbolic(s.dims["Lk"])
+
+
+class _EinsumMaskedFill(torch.nn.Module):
+    """Causal self-attention spelled with einsum and masked_fill(finfo.min), the mask built from the length."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / q.shape[-1] ** 0.5
+        p = scores.masked_fill(causal, torch.finfo(q.dtype).min).softmax(dim=-1)
+        return torch.einsum("bhij,bhjd->bhid", p, v)
+
+
+def test_plain_eager_attention_at_several_lengths_is_rewritten_in_the_dynamic_graph():
+    model, cm = _EinsumMaskedFill(), compiled(_EinsumMaskedFill())
+    with torch.no_grad():
+        for length in (6, 9, 12):
+            q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+            torch.testing.assert_close(cm(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-5)
+    graphs = _graph_ids()
+    assert len(graphs) == 2 and sites("attention", "missed") == []
+    [first, second] = [[s for s in sites("attention") if s.graph_id == g] for g in graphs]
+    assert len(first) == len(second) == 1
+    assert _is_symbolic(second[0].dims["Lq"])
+    assert [s.status for s in first + second] == ["rewritten", "rewritten"], [s.reason for s in first + second]

@@ -161,8 +161,11 @@ def test_triton_flash_compiled_for_the_gpu_matches_sdpa(shape, dtype):
     q = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype)
     k, v = (torch.randn(B, Hkv, Lk, D, device="cuda", dtype=dtype) for _ in range(2))
     mask = torch.randn(B, 1, 1, Lk, device="cuda", dtype=dtype)  # per-key bias
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
-                                                           is_causal=causal, enable_gqa=True)
+    full = mask.float().expand(B, 1, Lq, Lk)
+    if causal:  # SDPA takes a mask or is_causal, not both: the reference spells causality in the mask
+        full = full.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool, device="cuda").tril(), float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=full,
+                                                           enable_gqa=True)
     out = flash_attention(q, k, v, mask, causal)
     assert sqnr_ref(ref.cpu(), out.float().cpu()) > 40
 

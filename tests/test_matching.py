@@ -2,10 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compiled, matched, sites, sqnr_ref
+from helpers import compiled, found_sites, matched, sites, sqnr_ref
 
 import torchfx_eff
 from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+from torchfx_eff.passes import Miss
 
 K, N = 256, 512
 
@@ -172,3 +173,191 @@ def test_the_graph_given_to_the_backend_is_not_modified():
     assert seen["before"] == seen["after"]
     assert any(s.status == "rewritten" for s in matched("linear"))  # a rewrite happened, on a copy
     assert torch.equal(seen["out"][0], ref)  # the given graph still computes the original
+
+
+# Eager attention: a zoo of spellings. Each is one site; a rewrite (SDPA on CPU) or the kept original computes
+# what the eager module computes.
+B, H, L, D = 2, 4, 8, 16
+S = D ** -0.5
+NEG_INF = float("-inf")
+
+
+class EagerAttention(torch.nn.Module):
+    """Eager attention spelled by `fn(module, q, k, v, mask=, pad=, dead=)`."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, q, k, v, mask, pad, dead):
+        return self.fn(self, q, k, v, mask=mask, pad=pad, dead=dead)
+
+
+def _attention_inputs(lk=L):
+    """q, k, v; a float mask; `pad` masks the last two keys; `dead` also masks every key of one query row."""
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, H, lk, D), torch.randn(B, H, lk, D)
+    pad = (torch.arange(lk) >= lk - 2).expand(B, 1, L, lk).clone()
+    dead = pad.clone()
+    dead[1, 0, 3] = True
+    return q, k, v, torch.randn(B, 1, L, lk), pad, dead
+
+
+def _bmm(m, q, k, v, **x):  # (B·H, L, D) operands
+    q3, k3, v3 = (t.flatten(0, 1) for t in (q, k, v))
+    return torch.bmm(torch.softmax(torch.bmm(q3, k3.permute(0, 2, 1)) * S, dim=-1), v3).view(B, H, L, D)
+
+
+# name -> (spelling, key length, what the site must hold)
+TAKEN = {
+    "matmul_transpose": (lambda m, q, k, v, **x: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * S, dim=-1) @ v,
+                         L, {"scale": S, "k_transposed": True}),
+    "operator_mT_div": (lambda m, q, k, v, **x: F.softmax(q @ k.mT / D ** 0.5, dim=-1) @ v, L, {"scale": S}),
+    # matched; not asserted rewritten: SDPA's fused CPU kernel takes only 4-D inputs
+    "bmm_3d": (_bmm, L, {"scale": S, "k_transposed": True, "H": B * H, "rewritten": False}),
+    "einsum": (lambda m, q, k, v, **x: torch.einsum("bhqk,bhkd->bhqd", torch.softmax(
+        torch.einsum("bhqd,bhkd->bhqk", q, k) * S, -1), v), L, {"scale": S, "k_transposed": False}),
+    "einsum_ellipsis_kT_p_second": (lambda m, q, k, v, **x: torch.einsum("...jd,...ij->...id", v, torch.softmax(
+        torch.einsum("...id,...dj->...ij", q, k.transpose(-2, -1)) * S, -1)), L, {"scale": S, "k_transposed": True}),
+    "q_scaled_first": (lambda m, q, k, v, **x: torch.softmax((q * S) @ k.transpose(-2, -1), -1) @ v, L, {"scale": 1.0}),
+    "q_and_k_scaled_first": (lambda m, q, k, v, **x: torch.softmax((q * S ** 0.5) @ (k * S ** 0.5).mT, -1) @ v,
+                             L, {"scale": 1.0}),
+    "masked_fill_neg_inf": (lambda m, q, k, v, pad, **x: (q @ k.mT * S).masked_fill(pad, NEG_INF).softmax(-1) @ v,
+                            L, {"scale": S, "fill": NEG_INF}),
+    "masked_fill_finfo_min_dead_row": (lambda m, q, k, v, dead, **x: torch.softmax(torch.masked_fill(
+        q @ k.mT * S, dead, torch.finfo(q.dtype).min), -1) @ v, L, {"fill": torch.finfo(torch.float32).min}),
+    "mask_then_masked_fill": (lambda m, q, k, v, mask, pad, **x: torch.softmax(
+        (q @ k.mT * S + mask).masked_fill(pad, NEG_INF), -1) @ v, L, {"masks": 1, "fill": NEG_INF}),
+    "softmax_fp32_upcast": (lambda m, q, k, v, mask, **x: F.softmax(q @ k.mT * S + mask, dim=-1,
+                                                                   dtype=torch.float32).to(q.dtype) @ v,
+                            L, {"scale": S, "masks": 1}),
+    "dropout_in_eval": (lambda m, q, k, v, mask, **x: F.dropout(m.drop(F.softmax(q @ k.mT * S + mask, dim=-1)),
+                                                               p=0.1, training=False) @ v, L, {"masks": 1}),
+    "cross_attention": (lambda m, q, k, v, mask, pad, **x: torch.softmax(
+        (q @ k.mT * S + mask).masked_fill(pad, NEG_INF), -1) @ v, 12, {"Lk": 12, "masks": 1, "fill": NEG_INF}),
+    "softcap": (lambda m, q, k, v, mask, **x: torch.softmax(torch.tanh(q @ k.mT * S / 50.0) * 50.0 + mask, -1) @ v,
+                L, {"scale": S, "softcap": 50.0, "masks": 1}),
+    "softcap_method_reciprocals": (lambda m, q, k, v, pad, **x: torch.softmax(
+        ((q @ k.mT) * (S * 0.02)).tanh().div(0.02).masked_fill(pad, NEG_INF), -1) @ v,
+        L, {"scale": S, "softcap": 50.0, "fill": NEG_INF}),
+}
+
+
+def _the_site(found):
+    [site] = [s for s in found if not isinstance(s, Miss)]
+    return site
+
+
+@pytest.mark.parametrize("name", TAKEN)
+def test_eager_attention_spellings_are_one_site_and_outputs_match(name):
+    fn, lk, want = TAKEN[name]
+    model, args = EagerAttention(fn).eval(), _attention_inputs(lk)
+    with torch.no_grad(), found_sites() as found:
+        ref = model(*args)
+        out = compiled(model)(*args)
+    site, [record] = _the_site(found), sites("attention")
+    assert site.op == "eager" and site.size("Lq") == L and site.size("Lk") == want.get("Lk", lk)
+    assert site.scale == pytest.approx(want.get("scale", S), rel=1e-6)
+    assert site.softcap == want.get("softcap")
+    masks = site.mask if isinstance(site.mask, tuple) else (() if site.mask is None else (site.mask,))
+    assert len(masks) == want.get("masks", 0)
+    assert (site.mask_fill[1] if site.mask_fill else None) == want.get("fill")
+    if "k_transposed" in want:
+        assert site.k_transposed == want["k_transposed"]
+    assert site.size("H") == want.get("H", H)
+    if site.softcap is None and want.get("rewritten", True):
+        assert (record.status, record.chosen) == ("rewritten", "sdpa_cpu"), record.reason
+        assert record.sqnr_db >= 100.0
+    elif site.softcap is not None:  # matched, but no candidate on CPU computes a softcap: the original stays
+        assert record.status == "kept", record.reason
+        [sdpa] = [c for c in record.candidates if c.name == "sdpa_cpu"]
+        assert not sdpa.applicable and "softcap" in sdpa.reason
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert sqnr_ref(ref, out) >= 100.0
+
+
+def test_masked_fill_with_finfo_min_keeps_the_uniform_average_of_a_fully_masked_row():
+    fn, lk, _ = TAKEN["masked_fill_finfo_min_dead_row"]
+    q, k, v, mask, pad, dead = _attention_inputs(lk)
+    with torch.no_grad():
+        out = compiled(EagerAttention(fn))(q, k, v, mask, pad, dead)
+    [record] = sites("attention")
+    assert record.status == "rewritten", record.reason
+    torch.testing.assert_close(out[1, :, 3], v[1].mean(dim=-2), rtol=1e-5, atol=1e-5)  # every key weighs the same
+
+
+SOFTCAPS = {
+    "gemma2_order": lambda q, k, mask: torch.tanh(q @ k.mT * S / 30.0) * 30.0 + mask,
+    "reciprocals_as_methods": lambda q, k, mask: ((q @ k.mT) * (S / 30.0)).tanh().div(1 / 30.0) + mask,
+    "tanh_alone": lambda q, k, mask: torch.tanh(q @ k.mT * S) + mask,
+    "scaled_again_after_tanh": lambda q, k, mask: torch.tanh(q @ k.mT * S / 30.0) * 30.0 * 0.5 + mask,
+}
+
+
+@pytest.mark.parametrize("name", SOFTCAPS)
+def test_softcap_folds_into_a_cap_and_a_scale_that_reproduce_the_original(name):
+    """post·tanh(pre·s) is taken as softcap·tanh(scale·s / softcap); no CPU candidate computes a softcap, so
+    compute the site's math here from the fields it holds."""
+    fn = SOFTCAPS[name]
+    model = EagerAttention(lambda m, q, k, v, mask, **x: torch.softmax(fn(q, k, mask), -1) @ v)
+    q, k, v, mask, pad, dead = _attention_inputs()
+    with torch.no_grad(), found_sites() as found:
+        ref = model(q, k, v, mask, pad, dead)
+        compiled(model)(q, k, v, mask, pad, dead)
+    site = _the_site(found)
+    assert site.softcap is not None and site.mask is not None and site.mask_fill is None
+    scores = site.softcap * torch.tanh(site.scale * (q @ k.mT) / site.softcap) + mask
+    torch.testing.assert_close(torch.softmax(scores, -1) @ v, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_costs_the_unfused_original_more():
+    from dataclasses import replace
+
+    from torchfx_eff.cost import formulas
+    from torchfx_eff.cost.devices import DeviceSpec
+
+    fn, lk, _ = TAKEN["softcap"]
+    with torch.no_grad(), found_sites() as found:
+        compiled(EagerAttention(fn))(*_attention_inputs(lk))
+    site = _the_site(found)
+    spec = DeviceSpec(name="t", type="cpu", flops={"float32": 1e11}, bandwidth=1e10, launch_s=1e-6)
+    capped, plain = (formulas.evaluate(formulas.attention_unfused(s, spec), s.hints)
+                     for s in (site, replace(site, softcap=None)))
+    assert capped > plain
+
+
+# name -> (spelling, the words the miss must give)
+MISSED = {
+    "mask_added_before_the_scale": (lambda m, q, k, v, mask, **x: torch.softmax((q @ k.mT + mask) * S, -1) @ v,
+                                    "a mask or bias added before the scale"),
+    "masked_fill_before_the_scale": (lambda m, q, k, v, pad, **x: torch.softmax(
+        (q @ k.mT).masked_fill(pad, NEG_INF) * S, -1) @ v, "masked_fill before the scale"),
+    "mask_before_the_softcap": (lambda m, q, k, v, mask, **x: torch.softmax(
+        torch.tanh(q @ k.mT * S / 50.0 + mask) * 50.0, -1) @ v, "a mask or bias added before the softcap (tanh)"),
+    "softmax_over_queries": (lambda m, q, k, v, **x: torch.softmax(q @ k.mT * S, dim=-2) @ v,
+                             "softmax over dim -2, not the last"),
+    "masked_fill_with_a_run_time_value": (lambda m, q, k, v, mask, pad, **x: torch.softmax(
+        (q @ k.mT * S).masked_fill(pad, mask.min()), -1) @ v, "masked_fill with a run-time value"),
+    "masked_fill_value_not_low_enough": (lambda m, q, k, v, pad, **x: torch.softmax(
+        (q @ k.mT * S).masked_fill(pad, -1e4), -1) @ v, "masked_fill value -10000.0 is neither -inf nor low enough"),
+    "two_masked_fills": (lambda m, q, k, v, pad, dead, **x: torch.softmax(
+        (q @ k.mT * S).masked_fill(pad, NEG_INF).masked_fill(dead, torch.finfo(q.dtype).min), -1) @ v,
+        "more than one masked_fill"),
+    "einsum_in_a_heads_second_layout": (lambda m, q, k, v, **x: torch.softmax(torch.einsum(
+        "bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2)) * S, -1) @ v,
+        "the score einsum 'bqhd,bkhd->bhqk' is not q·kᵀ"),
+    "einsum_with_v_transposed": (lambda m, q, k, v, **x: torch.einsum(
+        "bhqk,bhdk->bhqd", torch.softmax(q @ k.mT * S, -1), v.mT), "v is given transposed"),
+}
+
+
+@pytest.mark.parametrize("name", MISSED)
+def test_eager_attention_that_cannot_be_taken_is_missed_with_a_precise_reason(name):
+    fn, why = MISSED[name]
+    model, args = EagerAttention(fn).eval(), _attention_inputs()
+    with torch.no_grad():
+        ref = model(*args)
+        out = compiled(model)(*args)
+    [record] = sites("attention")
+    assert record.status == "missed" and record.op == "eager" and why in record.reason, record.reason
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -170,3 +170,22 @@ def test_refuses_fp32_off_the_interpreter(monkeypatch):
     (s,) = sites("attention")
     flash = next(c for c in s.candidates if c.name == "triton_flash")
     assert not flash.applicable and "cuda" in flash.reason
+
+
+class CappedAttention(torch.nn.Module):
+    """Gemma 2's eager spelling: scale, softcap, additive mask, softmax in fp32."""
+
+    def forward(self, q, k, v, mask):
+        s = torch.tanh(q @ k.transpose(-2, -1) * 0.25 / 20.0) * 20.0 + mask
+        return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def test_softcap_site_is_rewritten_to_triton_flash(flash_estimated_fastest):
+    q, k, v = torch.randn(1, 2, 16, 16) * 4, torch.randn(1, 2, 16, 16) * 4, torch.randn(1, 2, 16, 16)
+    mask = torch.randn(1, 1, 16, 16)
+    model = CappedAttention()
+    with torch.no_grad():
+        out = compiled(model, attention=("triton_flash",))(q, k, v, mask)
+    (s,) = sites("attention")
+    assert (s.status, s.chosen) == ("rewritten", "triton_flash"), s.reason
+    assert sqnr_ref(model(q, k, v, mask), out) > 100

@@ -5,7 +5,7 @@
 import pytest
 import torch
 import transformers as T
-from helpers import count_calls, compiled, matched, sites
+from helpers import compiled, count_calls, found_sites, matched, sites
 
 import torchfx_eff
 
@@ -21,6 +21,11 @@ def _model(name: str, attn: str):
                                  num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=4,
                                  attn_implementation=attn)
         return T.Gemma3ForCausalLM(cfg), {"input_ids": ids(8)}
+    if name == "gemma2":  # scores soft-capped with tanh; sliding-window and full attention layers
+        cfg = T.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=4,
+                             attn_implementation=attn)
+        return T.Gemma2ForCausalLM(cfg), {"input_ids": ids(8)}
     if name == "t5":  # relative position bias added to the scores, no scaling; cross-attention
         cfg = T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128,
                          attn_implementation=attn)
@@ -44,7 +49,7 @@ def _main_output(out):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", ["mistral", "gemma3", "t5", "vit", "whisper"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "t5", "vit", "whisper"])
 def test_every_attention_call_is_a_site_and_outputs_match(name, attn):
     model, inputs = _model(name, attn)
     model.eval()
@@ -60,4 +65,27 @@ def test_every_attention_call_is_a_site_and_outputs_match(name, attn):
     assert len(attention) == calls, report
     assert all(s.op == ("sdpa" if attn == "sdpa" else "eager") for s in attention)
     assert len(matched("linear")) == counts["linear"], report
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma2_eager_softcap_is_matched_with_the_configs_cap_and_kept_on_cpu():
+    """Gemma 2 spells the softcap as scores * scaling / cap -> tanh -> * cap, then + mask. Each call is one site
+    holding the config's cap and scaling; SDPA cannot take a softcap, so on CPU the original is kept."""
+    model, inputs = _model("gemma2", "eager")
+    model.eval()
+    cfg = model.config
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = _main_output(model(**inputs))
+    with torch.no_grad(), found_sites() as found:
+        out = _main_output(compiled(model)(**inputs))
+    assert counts["softmax"] == cfg.num_hidden_layers
+    assert len(found) == counts["softmax"] and all(isinstance(s, torchfx_eff.passes.AttentionSite) for s in found)
+    for s in found:
+        assert s.op == "eager" and s.masked and s.kv_repeat == 2
+        assert s.softcap == cfg.attn_logit_softcapping
+        assert s.scale == pytest.approx(cfg.query_pre_attn_scalar ** -0.5, rel=1e-6)
+    for r in matched("attention"):
+        assert r.status == "kept", r.reason
+        [sdpa] = [c for c in r.candidates if c.name == "sdpa_cpu"]
+        assert not sdpa.applicable and "softcap" in sdpa.reason
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -60,7 +60,8 @@ def repeat_kv(site, spec: DeviceSpec) -> sympy.Expr:
 
 def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
     """Eager attention: two matmuls, and the score matrix written and read by each op between them
-    (scale, mask, softmax in fp32, cast): about seven passes and six launches."""
+    (scale, mask, softmax in fp32, cast): about seven passes and six launches; a softcap's divide, tanh and
+    multiply are three more read + write passes."""
     B, H, Lq, Lk, D, Dv = (site.dims[d] for d in ("B", "H", "Lq", "Lk", "D", "Dv"))
     b = itemsize(site.dtype)
     matmuls = roofline(2 * B * H * Lq * Lk * (D + Dv), (B * H * (Lq + Lk) * (D + Dv)) * b, spec, site.dtype,
@@ -68,6 +69,8 @@ def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
     scores = B * H * Lq * Lk
     passes = roofline(0, scores * (6 * b + 8 + (b if site.masked else 0)), spec, site.dtype, "elementwise",
                       launches=4)
+    if site.softcap is not None:
+        passes += roofline(0, scores * 6 * b, spec, site.dtype, "elementwise", launches=3)
     return matmuls + passes
 
 

@@ -117,8 +117,12 @@ def dispatched_cost(site, spec):
 
 
 def _cpu_applicable(site, spec) -> str | None:
-    return (needs_device(site, "cpu") or needs_dtype(site, (torch.float32, torch.bfloat16, torch.float16))
-            or _sdpa_refusal(site))
+    if reason := (needs_device(site, "cpu") or needs_dtype(site, (torch.float32, torch.bfloat16, torch.float16))
+                  or _sdpa_refusal(site)):
+        return reason
+    if any(fake(n).dim() != 4 for n in (site.q, site.k, site.v)):
+        return "the fused CPU kernel takes 4-D q/k/v only"
+    return None
 
 
 def _replace(name: str):
