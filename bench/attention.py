@@ -163,7 +163,5 @@ def prefill(P: int = 4096) -> list[dict]:
 
 
 def gpu_attention(args) -> list[dict]:
-    rows = kernels()
-    if not args.skip_e2e:
-        rows += prefill()
-    return rows
+    rows = kernels() if "kernels" in args.parts else []
+    return rows + (prefill() if "e2e" in args.parts else [])

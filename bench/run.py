@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-e2e", action="store_true", help="gpu_attention: kernels only")
+    parser.add_argument("--parts", default="kernels,e2e", help="gpu_attention: kernels, e2e or both")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
