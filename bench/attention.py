@@ -140,7 +140,8 @@ def prefill(P: int = 4096) -> list[dict]:
     run = lambda m: m(ids, logits_to_keep=1).logits
     rows, outs = [], {}
     modes = {"max-autotune": lambda: torch.compile(model, mode="max-autotune-no-cudagraphs"),
-             "torchfx_eff": lambda: torch.compile(model, backend=torchfx_eff.backend())}
+             "torchfx_eff": lambda: torch.compile(model, backend=torchfx_eff.backend(
+                 torchfx_eff.Config(inner="max-autotune-no-cudagraphs")))}
     times = {}
     for name, make in modes.items():
         torch._dynamo.reset()

@@ -21,7 +21,7 @@ def test_defaults_are_valid_and_documented_values():
 @pytest.mark.parametrize("field,bad,allowed", [
     ("accuracy", "fast", ("lossless", "balanced", "aggressive")),
     ("accuracy", "Balanced", ("lossless", "balanced", "aggressive")),
-    ("inner", "aot_eager", ("inductor", "eager")),
+    ("inner", "aot_eager", ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")),
     ("inner", None, ("inductor", "eager")),
     ("attention", "on", ("auto", "off")),
     ("linear", "yes", ("auto", "off")),

@@ -273,3 +273,21 @@ def test_custom_op_dispatch_is_charged_to_pinned_sdpa_candidates(spec_named):
         est = {c.name: c.estimate_us for c in s.candidates}
         assert s.status == status, s.reason
         assert est["sdpa_cpu"] >= custom_op_s * 1e6
+
+
+def test_no_custom_op_dispatch_is_charged_when_inductor_replays_cuda_graphs(spec_named):
+    """Under a cudagraph mode (reduce-overhead) the graph is replayed without Python: pinned candidates lose the
+    dispatch term; under plain Inductor they pay it."""
+    import dataclasses
+
+    q = torch.randn(1, 2, 8, 16)
+    spec = spec_named("slow_dispatch", dataclasses.replace(devices.measured_cpu(), custom_op_s=1.0))
+    est = {}
+    for inner in ("inductor", "reduce-overhead"):
+        torch._dynamo.reset()
+        torchfx_eff.reset()
+        with torch.no_grad():
+            compiled(torch.nn.functional.scaled_dot_product_attention, device=spec, inner=inner)(q, q, q)
+        [s] = sites("attention")
+        est[inner] = {c.name: c.estimate_us for c in s.candidates}["sdpa_cpu"]
+    assert est["inductor"] - est["reduce-overhead"] == pytest.approx(1e6)

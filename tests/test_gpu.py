@@ -97,38 +97,47 @@ def test_flash_refusal_says_why():
     assert "mask" in flash.reason, flash.reason
 
 
-def test_pinned_backend_under_inductor_matches_eager():
+def test_pinned_backend_under_inductor_matches_eager(monkeypatch):
     """The rewritten graph, with torchfx_eff::sdpa inside, compiles with Inductor on CUDA and stays correct."""
+    import dataclasses
+
+    from torchfx_eff.kernels import registry
+
+    impl = registry._REGISTRY["attention"]["sdpa_cudnn"]  # estimated fastest, to drive this path
+    monkeypatch.setitem(registry._REGISTRY["attention"], "sdpa_cudnn",
+                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+
     class Attn(torch.nn.Module):
         def forward(self, q, k, v, mask):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2
 
-    # large enough that compute, not launch overhead, decides: cuDNN is estimated well ahead of efficient
     q, k, v = (torch.randn(2, 16, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = torch.randn(2, 1, 2048, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = Attn()(q, k, v, mask)
         out = compiled(Attn(), attention=("sdpa_cudnn",), inner="inductor")(q, k, v, mask)
     [s] = matched("attention")
-    assert s.status == "rewritten" and s.chosen == "sdpa_cudnn", s.reason  # torch itself would pick efficient
+    assert s.status == "rewritten" and s.chosen == "sdpa_cudnn", s.reason
     assert sqnr_ref(ref, out) >= 35.0
 
 
-def test_original_attention_costed_as_the_kernel_torch_dispatches_to():
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "float_mask"])
+def test_original_attention_costed_as_the_kernel_torch_dispatches_to(masked):
     """The original SDPA call's estimate equals the pinned estimate of the backend torch really picks for it
     (asked of torch's own dispatcher), less the custom op's dispatch."""
     from torch.nn.attention import SDPBackend
 
     class Attn(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
     q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.randn(1, 1, 512, 512, device="cuda", dtype=torch.bfloat16) if masked else None
     with torch.no_grad():
-        compiled(Attn())(q, k, v)
+        compiled(Attn())(q, k, v, mask)
     [s] = matched("attention")
     est = {c.name: c.estimate_us for c in s.candidates}
-    picked = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True))
+    picked = SDPBackend(torch._fused_sdp_choice(q, k, v, mask, is_causal=mask is None))
     name = {SDPBackend.FLASH_ATTENTION: "sdpa_flash", SDPBackend.CUDNN_ATTENTION: "sdpa_cudnn",
             SDPBackend.EFFICIENT_ATTENTION: "sdpa_efficient"}[picked]
     dispatch_us = torchfx_eff.cost.detect(q.device).custom_op_s * 1e6  # what only the pinned custom op pays

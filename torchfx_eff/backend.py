@@ -96,7 +96,8 @@ class Backend:
                 sites.append(s)
         with stage("cost"):
             spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
-            if torch._inductor.config.triton.cudagraphs and config.inner == "inductor":
+            if config.inner != "eager" and _inductor_options(config).get("triton.cudagraphs",
+                                                                          torch._inductor.config.triton.cudagraphs):
                 spec = dataclasses.replace(spec, custom_op_s=0.0)  # replayed from a CUDA graph: no Python dispatch
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
             blocker = self._blocker(info)
@@ -174,7 +175,8 @@ class Backend:
         from torch._inductor.compile_fx import compile_fx
 
         try:
-            return compile_fx(rewritten, example_inputs)
+            with torch._inductor.config.patch(_inductor_options(self.config)):
+                return compile_fx(rewritten, example_inputs)
         except torch._dynamo.exc.RestartAnalysis:
             raise  # not a failure: Dynamo re-traces the frame (e.g. to specialize a float) and calls us again
         except Exception as e:
@@ -186,7 +188,13 @@ class Backend:
                 if r.status == "rewritten":
                     r.status, r.chosen, r.reason = "fallback", "original", why
             records.append(SiteRecord(records[0].graph_id if records else -1, "graph", "fallback", "-", reason=why))
-            return compile_fx(original, example_inputs)
+            with torch._inductor.config.patch(_inductor_options(self.config)):
+                return compile_fx(original, example_inputs)
+
+
+def _inductor_options(config: Config) -> dict:
+    """Inductor settings of the inner compile: those of torch.compile's mode when Config.inner names one."""
+    return {} if config.inner in ("inductor", "eager") else torch._inductor.list_mode_options(config.inner)
 
 
 def _guard_packed_weights(compiled, original: fx.GraphModule, packed, graph_id: int, log_path):

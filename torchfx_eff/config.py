@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Union
 
 ACCURACY = ("lossless", "balanced", "aggressive")
-INNER = ("inductor", "eager")
+INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
@@ -34,7 +34,7 @@ class Config:
 
     attention, linear: "auto" (cost model chooses), "off", or a tuple of allowed candidate names.
     accuracy: per-site error budget, checked by the numerics gate.
-    inner: compiler for the rewritten graph.
+    inner: compiler for the rewritten graph: Inductor (optionally in one of torch.compile's modes) or eager.
     calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
     log: path of a JSONL file that receives every compiled graph's records.
