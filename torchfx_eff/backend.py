@@ -11,7 +11,7 @@ import torch.fx as fx
 from . import cost, gate, kernels, passes, report
 from .config import Config
 from .report import SiteRecord
-from .rewrite import Rewriter
+from .rewrite import Rewriter, rows_dispatch
 
 log = logging.getLogger("torchfx_eff")
 
@@ -100,20 +100,23 @@ class Backend:
                                                                           torch._inductor.config.triton.cudagraphs):
                 spec = dataclasses.replace(spec, custom_op_s=0.0)  # replayed from a CUDA graph: no Python dispatch
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
+            regimes = {id(s): {label: cost.candidates(s, spec, config, hints) for label, hints in by_rows.items()}
+                       for s in sites if (by_rows := cost.regime_hints(s))}
             blocker = self._blocker(info)
-            todo = [(s, c) for s, c in plans if not blocker and (len(cost.ranked(c)) > 1 or config.calibrate)]
+            contested = lambda s, c: any(len(cost.ranked(x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
+            todo = [(s, c) for s, c in plans if not blocker and (contested(s, c) or config.calibrate)]
         with stage("capture"):
             values = gate.capture(work, example_inputs, {s.node: s.chain for s, _ in todo}) if todo else {}
         if config.calibrate and todo:
             with stage("calibrate"):
                 self._calibrate(todo, values, spec)
         rewriter = Rewriter(work)
-        contested = {id(s) for s, _ in todo}  # sites where some candidate may beat the original
+        contested = {id(s) for s, _ in todo}  # sites where some candidate may beat the original (in some regime)
         for s, cands in plans:
             if blocker:
                 records.append(_record(graph_id, s, "kept", blocker, cands, chosen="original"))
             elif id(s) in contested:
-                records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter))
+                records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter, regimes.get(id(s))))
             else:
                 records.append(_record(graph_id, s, "kept", _why_kept(cands), cands, chosen="original"))
         with stage("rewrite"):
@@ -140,33 +143,71 @@ class Backend:
                 rec.measured_us = calibration.get(key) * 1e6
         calibration.save()
 
-    def _gate_and_rewrite(self, graph_id, site, cands, values, rewriter: Rewriter) -> SiteRecord:
-        """Try the ranked candidates in order; the first that passes the gate replaces the site."""
-        failures = []
-        for impl, _ in cost.ranked(cands):
-            if impl.replace is None:
-                break
-            try:
-                with stage(f"replace:{impl.name}"):
-                    rep = impl.replace(site)
-                with stage(f"gate:{impl.name}"):
-                    db, why = gate.check(rep, values[site.node][site.node], values[site.node], self.config.accuracy)
-            except StageError as e:
-                if self.config.strict:
-                    raise
-                db, why = None, str(e)
-            if why is None:
-                with stage("rewrite"):
-                    rewriter.apply(site.chain, rep, prefix=f"{site.kind}_{impl.name}")
-                reason = "; ".join(failures + ["fastest candidate that passed the numerics gate"])
-                return _record(graph_id, site, "rewritten", reason, cands, chosen=impl.name, sqnr_db=db,
-                               weight_bytes=rep.weight_bytes, packed=sorted(rep.sources))
+    def _check(self, site, impl, values) -> tuple[kernels.Replacement | None, float | None, str | None]:
+        """impl's replacement for the site, its SQNR and why it failed the gate (None if it passed)."""
+        try:
+            with stage(f"replace:{impl.name}"):
+                rep = impl.replace(site)
+            with stage(f"gate:{impl.name}"):
+                db, why = gate.check(rep, values[site.node][site.node], values[site.node], self.config.accuracy)
+        except StageError as e:
+            if self.config.strict:
+                raise
+            rep, db, why = None, None, str(e)
+        if why is not None:
             if self.config.strict:
                 raise RuntimeError(f"torchfx_eff: {impl.name} failed the numerics gate at {site.location}: {why}")
-            failures.append(f"{impl.name} failed the gate: {why}")
-            log.info("torchfx_eff: %s: %s", site.location, failures[-1])
-        status = "fallback" if failures else "kept"
-        return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original")
+            log.info("torchfx_eff: %s: %s failed the gate: %s", site.location, impl.name, why)
+        return rep, db, why
+
+    def _gate_and_rewrite(self, graph_id, site, cands, values, rewriter: Rewriter, regimes=None) -> SiteRecord:
+        """Try the ranked candidates in order; the first that passes the gate replaces the site. With shape
+        regimes (symbolic rows), each regime gets its first passing candidate, and when they differ the site
+        becomes a run-time dispatch on the row count."""
+        checked = {}  # candidate name -> _check's result; a candidate is gated once for all regimes
+
+        def first_passing(ranked):
+            for impl, _ in ranked:
+                if impl.replace is None:
+                    return impl, None
+                if impl.name not in checked:
+                    checked[impl.name] = self._check(site, impl, values)
+                rep, _, why = checked[impl.name]
+                if why is None:
+                    return impl, rep
+            raise AssertionError("ranked candidates end with the original")
+
+        winners = {label: first_passing(cost.ranked(c)) for label, c in (regimes or {"": cands}).items()}
+        failures = [f"{name} failed the gate: {why}" for name, (_, _, why) in checked.items() if why is not None]
+        by_regime = {label: {"chosen": impl.name, "estimates_us": {r.name: r.time_us for _, r in regimes[label]}}
+                     for label, (impl, _) in winners.items()} if regimes else {}
+        reps = [rep for _, rep in winners.values()]
+        if all(rep is None for rep in reps):
+            status = "fallback" if failures else "kept"
+            return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original",
+                           regimes=by_regime)
+        impls = [impl for impl, _ in winners.values()]
+        if len({impl.name for impl in impls}) == 1:
+            rep, chosen, how = reps[0], impls[0].name, "fastest candidate that passed the numerics gate"
+        else:
+            rep, chosen, how = self._dispatch(site, impls, reps, cands)
+        with stage("rewrite"):
+            rewriter.apply(site.chain, rep, prefix=f"{site.kind}_{chosen}")
+        db = min((checked[i.name][1] for i in impls if i.name in checked), default=None)
+        return _record(graph_id, site, "rewritten", "; ".join(failures + [how]), cands, chosen=chosen, sqnr_db=db,
+                       weight_bytes=rep.weight_bytes, packed=sorted(rep.sources), regimes=by_regime)
+
+    def _dispatch(self, site, impls, reps, cands):
+        """(replacement, chosen at the example's size, reason) for a site whose regimes chose differently."""
+        original = kernels.Replacement(site.node.target, site.node.args, site.node.kwargs)
+        small, large = (rep or original for rep in reps)
+        after = sum(rep.weight_bytes[1] if rep is not None and rep.weight_bytes else site.weight.nbytes for rep in reps)
+        rep = rows_dispatch(site.x, cost.SPLIT_ROWS, small, large, weight_bytes=(site.weight.nbytes, after))
+        example_rows = site.size("M")
+        chosen = impls[0].name if example_rows <= cost.SPLIT_ROWS else impls[1].name
+        how = (f"dispatch on rows: {impls[0].name} for M<={cost.SPLIT_ROWS}, {impls[1].name} above "
+               f"(each the fastest passing candidate of its regime)")
+        return rep, chosen, how
 
     def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, records: list):
         """Compile the rewritten graph; if the inner compiler fails on it, the original, and say so in records."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .kernels import Replacement
 
@@ -45,3 +46,33 @@ class Rewriter:
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _branch(rep: Replacement):
+    """rep as (function of its run-time operands, those operands): graph nodes and tensors are operands,
+    everything else is fixed."""
+    leaves, spec = tree_flatten((rep.args, rep.kwargs))
+    where = [i for i, a in enumerate(leaves) if isinstance(a, (fx.Node, torch.Tensor))]
+
+    def run(*operands):
+        filled = list(leaves)
+        for i, value in zip(where, operands):
+            filled[i] = value
+        args, kwargs = tree_unflatten(filled, spec)
+        return rep.op(*args, **kwargs)
+
+    return run, [leaves[i] for i in where]
+
+
+def rows_dispatch(x: fx.Node, split: int, small: Replacement, large: Replacement, weight_bytes=None) -> Replacement:
+    """One call that computes `small` when x has at most `split` rows and `large` otherwise. It is a torch.cond,
+    so a graph with symbolic rows keeps both branches and picks one at run time."""
+    (small_fn, small_ops), (large_fn, large_ops) = _branch(small), _branch(large)
+    n = len(small_ops)
+
+    def by_rows(x, *operands):
+        rows = x.numel() // x.shape[-1]
+        return torch.cond(rows <= split, lambda *o: small_fn(*o[:n]), lambda *o: large_fn(*o[n:]), tuple(operands))
+
+    return Replacement(by_rows, (x, *small_ops, *large_ops), weight_bytes=weight_bytes,
+                       sources={**small.sources, **large.sources})

@@ -3,5 +3,7 @@ from . import formulas
 from .calibrate import Calibration, seconds, site_key
 from .choose import MARGIN, candidates, ranked
 from .devices import SPECS, DeviceSpec, detect
+from .regimes import SPLIT_ROWS, regime_hints
 
-__all__ = ["MARGIN", "SPECS", "Calibration", "DeviceSpec", "candidates", "detect", "formulas", "ranked", "seconds", "site_key"]
+__all__ = ["MARGIN", "SPECS", "SPLIT_ROWS", "Calibration", "DeviceSpec", "candidates", "detect", "formulas", "ranked",
+           "regime_hints", "seconds", "site_key"]

@@ -21,7 +21,10 @@ def _refusal(impl: Implementation, site, spec: DeviceSpec, config: Config) -> st
     return impl.applicable(site, spec)
 
 
-def candidates(site, spec: DeviceSpec, config: Config) -> list[tuple[Implementation, CandidateRecord]]:
+def candidates(site, spec: DeviceSpec, config: Config, hints: dict | None = None) -> list[tuple[Implementation, CandidateRecord]]:
+    """Every implementation of the site's kind, with why it is not applicable and its estimate at `hints`
+    (the example's sizes by default)."""
+    hints = site.hints if hints is None else hints
     out = []
     for impl in implementations(site.kind):
         try:
@@ -30,7 +33,7 @@ def candidates(site, spec: DeviceSpec, config: Config) -> list[tuple[Implementat
             reason = f"applicability check failed: {type(e).__name__}: {e}"
         try:
             expr = impl.cost(site, spec)
-            estimate, formula = evaluate(expr, site.hints) * 1e6, str(expr)
+            estimate, formula = evaluate(expr, hints) * 1e6, str(expr)
         except Exception as e:  # a formula that cannot be evaluated here still leaves the candidate listed
             estimate, formula = None, f"cost failed: {type(e).__name__}: {e}"
             reason = reason or formula

@@ -39,6 +39,8 @@ class SiteRecord:
     sqnr_db: float | None = None  # numerics gate result of the chosen candidate
     weight_bytes: tuple[int, int] | None = None  # (before, after) for rewrites that repack weights
     packed: list[str] = field(default_factory=list)  # names of the parameters packed into constants
+    # with symbolic rows: regime label -> {"chosen": name, "estimates_us": {candidate: us}}
+    regimes: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +100,9 @@ class Report:
             if len(usable) < len(s.candidates):
                 cands += f" (+{len(s.candidates) - len(usable)} n/a)"
             shape = ",".join(f"{k}={v}" for k, v in s.hints.items())
-            key = (str(s.graph_id), s.kind, s.status, s.chosen or "-", os.path.basename(s.location), shape, cands, s.reason)
+            choices = [r["chosen"] for r in s.regimes.values()]
+            chosen = "|".join(choices) if len(set(choices)) > 1 else (s.chosen or "-")  # dispatched on rows
+            key = (str(s.graph_id), s.kind, s.status, chosen, os.path.basename(s.location), shape, cands, s.reason)
             groups.setdefault(key, []).append(s)
         rows = []
         for key, members in groups.items():
