@@ -5,7 +5,10 @@ import torch.nn.functional as F
 from helpers import LinearStack, compiled, sites
 
 from torchfx_eff import cost
-from torchfx_eff.kernels.int8_weight_only import int8_weight_only_linear, quantize_per_channel
+from torchfx_eff.kernels.int8_weight_only import (
+    int8_weight_only_linear,
+    quantize_per_channel,
+)
 
 
 def _dynamic_sites(cm, model):
