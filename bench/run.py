@@ -2,11 +2,14 @@
 
     python bench/run.py --suite cpu_decode            # writes bench/results/cpu_decode-<device>-<date>.json
     python bench/run.py --suite gpu_attention         # on a GPU: kernels, per-site choice, decode, 1.1B prefill
+    python bench/run.py --suite gpu_linear            # on a GPU: linear kernels vs cuBLAS/ATen, 1.1B decode
+    python bench/run.py --suite cpu_quality           # SmolLM2 perplexity on a text fixture, bf16 vs each linear mode
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -74,13 +77,14 @@ def cpu_decode(args) -> list[dict]:
     return rows
 
 
-def gpu_attention(args) -> list[dict]:
-    from attention import gpu_attention as suite
+# suite -> a function of the parsed args, or the bench module whose function of that name it is (imported
+# only when run: GPU suites need a GPU)
+SUITES = {"cpu_decode": cpu_decode, "cpu_quality": "quality", "gpu_attention": "attention", "gpu_linear": "linear"}
 
-    return suite(args)
 
-
-SUITES = {"cpu_decode": cpu_decode, "gpu_attention": gpu_attention}
+def run_suite(name: str, args) -> list[dict]:
+    suite = SUITES[name]
+    return suite(args) if callable(suite) else getattr(importlib.import_module(suite), name)(args)
 
 
 def main(argv=None) -> int:
@@ -88,12 +92,12 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="kernels,e2e", help="gpu_attention: kernels, e2e or both")
+    parser.add_argument("--parts", default="kernels,e2e", help="GPU suites: kernels, e2e or both")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     code = commit()  # before the suite runs: the code that is measured
-    rows = SUITES[args.suite](args)
+    rows = run_suite(args.suite, args)
     result = {"suite": args.suite, "device": device(), "versions": versions(), "commit": code,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}

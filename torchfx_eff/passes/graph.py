@@ -10,7 +10,9 @@ import torch.fx as fx
 
 
 def fake(node) -> torch.Tensor | None:
-    """The fake value Dynamo (or shape propagation) attached to a node."""
+    """The fake value Dynamo (or shape propagation) attached to a node; a real tensor stands for itself."""
+    if isinstance(node, torch.Tensor):
+        return node
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("example_value", node.meta.get("val"))
