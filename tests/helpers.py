@@ -95,8 +95,10 @@ def sqnr_ref(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def compiled(model, **config):
-    """torch.compile with the torchfx_eff backend; inner='eager' unless said otherwise."""
+    """torch.compile with the torchfx_eff backend; inner='eager' and linear=("int8_weight_only",) unless said
+    otherwise: the pipeline tests follow one lossy linear candidate (each other candidate has its own tests)."""
     config.setdefault("inner", "eager")
+    config.setdefault("linear", ("int8_weight_only",))
     return torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(**config)))
 
 
@@ -140,3 +142,10 @@ class LinearStack(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def fused_away(report=None, graph_id=None) -> int:
+    """Linear calls that sibling fusion merged into others: a "siblings" record of n members ("linear xn") stands
+    for n eager calls and leaves one linear site. Expected linear sites = counts["linear"] - fused_away()."""
+    return sum(int(s.op.rsplit(" x", 1)[1]) - 1 for s in sites("siblings", report=report)
+               if graph_id is None or s.graph_id == graph_id)

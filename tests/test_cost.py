@@ -129,6 +129,9 @@ def test_attention_formula_by_hand(dyn_sites):
     assert float(expr.xreplace(att.hints)) == pytest.approx(by_hand, rel=1e-12)
 
 
+INT8 = Config(linear=("int8_weight_only",))  # the chooser tests follow int8 against the original
+
+
 def _spec_int8_ratio(site, ratio):
     """A memory-bound spec (no launch cost, huge FLOP/s) where int8's estimate is `ratio` x the original's."""
     M, N, K = (site.size(d) for d in "MNK")
@@ -148,7 +151,7 @@ def _names(ranked):
 def test_chooser_ranks_faster_candidate_first_and_keeps_original_within_margin(dyn_sites, ratio, expected):
     lin, _ = dyn_sites
     spec = _spec_int8_ratio(lin, ratio)
-    cands = cost.candidates(lin, spec, Config())
+    cands = cost.candidates(lin, spec, INT8)
     recs = {rec.name: rec for _, rec in cands}
     assert recs["int8_weight_only"].estimate_us == pytest.approx(ratio * recs["original"].estimate_us, rel=1e-9)
     assert recs["int8_weight_only"].applicable and recs["original"].applicable
@@ -161,7 +164,7 @@ def test_chooser_keeps_original_on_exact_tie(dyn_sites):
     # launch-dominated: every candidate costs exactly one launch
     tie = DeviceSpec("tie", "cpu", {"float32": 1e40, "bfloat16": 1e40, "float16": 1e40}, 1e40, 1e-3,
                      {"int8pack": (1.0, 1.0)})
-    cands = cost.candidates(lin, tie, Config())
+    cands = cost.candidates(lin, tie, INT8)
     est = {rec.name: rec.estimate_us for _, rec in cands}
     assert est["int8_weight_only"] == pytest.approx(est["original"]) == pytest.approx(1e3)
     assert _names(cost.ranked(cands)) == ["original"]
@@ -170,7 +173,7 @@ def test_chooser_keeps_original_on_exact_tie(dyn_sites):
 def test_chooser_refusals(dyn_sites):
     lin, _ = dyn_sites
     spec = _spec_int8_ratio(lin, 0.5)
-    for config, needle in [(Config(accuracy="lossless"), "needs accuracy='balanced' or looser"),
+    for config, needle in [(Config(accuracy="lossless", linear=INT8.linear), "needs accuracy='balanced' or looser"),
                            (Config(linear=("original",)), "not in Config.linear")]:
         cands = cost.candidates(lin, spec, config)
         rec = next(r for _, r in cands if r.name == "int8_weight_only")
@@ -181,7 +184,7 @@ def test_chooser_refusals(dyn_sites):
 
 def test_measured_time_overrides_estimate(dyn_sites):
     lin, _ = dyn_sites
-    cands = cost.candidates(lin, _spec_int8_ratio(lin, 0.5), Config())
+    cands = cost.candidates(lin, _spec_int8_ratio(lin, 0.5), INT8)
     recs = {rec.name: rec for _, rec in cands}
     recs["int8_weight_only"].measured_us = 10.0
     recs["original"].measured_us = 5.0  # measured: the original is faster after all

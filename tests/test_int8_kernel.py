@@ -1,9 +1,17 @@
-"""The int8 weight-only kernel: quantization error bound, the op against an fp64 reference, the fake kernel."""
+"""The int8 weight-only kernels: quantization error bound, ATen's CPU op and the Triton kernels (interpreter:
+fp32/fp16) against an fp64 reference, the fake kernel, and the backend end to end on the Triton path."""
 import pytest
 import torch
+from helpers import LinearStack, compiled, sites, sqnr_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torchfx_eff.kernels.int8_weight_only import int8_weight_only_linear, quantize_per_channel
+import torchfx_eff
+from torchfx_eff.kernels import int8_weight_only, weight_only_triton
+from torchfx_eff.kernels.int8_weight_only import (
+    int8_weight_only_linear,
+    quantize_per_channel,
+)
+from torchfx_eff.kernels.weight_only_triton import weight_only_matmul
 
 OP = int8_weight_only_linear
 U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
@@ -137,3 +145,66 @@ def test_op_under_torch_compile_matches_eager_call(dynamic):
         out = cf(x)
         assert out.shape == (*shape[:-1], 24)
         assert torch.equal(out, f(x))
+
+
+TRITON_TOL = {torch.float32: 2.0 ** -16, torch.float16: 2.0 ** -9}  # of sum |x w|: fp32 sums; fp16 out (and tile)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64)])
+@pytest.mark.parametrize("N,K,with_bias", [(40, 100, True), (130, 256, False), (48, 300, True)])
+def test_triton_kernels_match_fp64_reference(kernel, M, N, K, with_bias, dtype, monkeypatch):
+    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", 1 << 30 if kernel == "gemv" else 0)  # either, any M
+    q, s = quantize_per_channel(torch.randn(N, K))
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    out = weight_only_matmul(x, q, s, None, bias, 8, 0)
+    assert out.shape == (M, N) and out.dtype == dtype
+    scale = x.double().abs() @ _dequant(q, s).abs().T + (0 if bias is None else bias.double().abs())
+    err = (out.double() - _reference(x, q, s, bias)).abs()
+    assert bool((err <= TRITON_TOL[dtype] * scale).all()), (err / scale).max()
+
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of module.name (looked up at call time by the rewritten graph or the custom op)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("rows", [1, 24], ids=["gemv", "gemm"])
+def test_backend_runs_the_triton_kernels_through_the_interpreter(rows, monkeypatch):
+    """Costed as if interpreted kernels ran at GPU speed, the Triton path wins on CPU (fp32: the interpreter's
+    bf16 is wrong), on the same int8 weights and scales as ATen's."""
+    monkeypatch.setattr(weight_only_triton, "INTERPRETER_SLOWDOWN", 1e-3)
+    aten = _spy(monkeypatch, int8_weight_only, "int8_weight_only_linear")
+    triton = _spy(monkeypatch, weight_only_triton, "weight_only_matmul")
+    model = LinearStack(k=128, n=96)
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, linear=("int8_weight_only",))(x)
+    for s in sites("linear"):
+        assert (s.status, s.chosen) == ("rewritten", "int8_weight_only"), s.reason
+        N, K = s.hints["N"], s.hints["K"]
+        assert s.weight_bytes == (N * K * 4, N * K + 2 * N)
+    assert len(triton) == 2 * 2 and not aten  # the gate's run and the model's, per site
+    assert sqnr_ref(ref, out) >= 30.0
+
+
+def test_k_that_aten_refuses_takes_the_interpreter_or_is_refused(monkeypatch):
+    model = LinearStack(k=40, n=64).to(torch.bfloat16)  # up: K=40, not a multiple of 16
+    x = torch.randn(1, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled(model, linear=("int8_weight_only",))(x)
+    up = next(s for s in sites("linear") if s.hints["K"] == 40)
+    int8 = next(c for c in up.candidates if c.name == "int8_weight_only")
+    assert int8.applicable and up.status == "kept"  # interpreted: applicable, never fast enough
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    monkeypatch.setattr(weight_only_triton, "INTERPRETING", False)
+    with torch.no_grad():
+        compiled(model, linear=("int8_weight_only",))(x)
+    up = next(s for s in sites("linear") if s.hints["K"] == 40)
+    int8 = next(c for c in up.candidates if c.name == "int8_weight_only")
+    assert not int8.applicable and "K=40 is not a multiple of 16" in int8.reason

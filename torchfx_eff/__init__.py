@@ -6,8 +6,9 @@ chosen per site by a cost model, checked numerically, and logged.
     print(torchfx_eff.last_report())
 """
 from .backend import Backend, backend
+from .calibration import calibrate_activations
 from .config import Config
 from .report import Report, last_report, reset
 
-__all__ = ["Backend", "Config", "Report", "backend", "last_report", "reset"]
+__all__ = ["Backend", "Config", "Report", "backend", "calibrate_activations", "last_report", "reset"]
 __version__ = "0.1.0"

@@ -70,23 +70,43 @@ class Backend:
             log.warning("torchfx_eff: graph %d left unoptimized: %s", graph_id, e)
             rewritten, packed = gm, []
             records = [SiteRecord(graph_id, "graph", "fallback", "-", reason=str(e))]
-        compiled = self.inner_compile(rewritten, gm, example_inputs, records)
+        if _dispatches(records) and self.config.inner != "eager":
+            try:
+                compiled = _compile_fx(rewritten, example_inputs, self.config)
+            except torch._dynamo.exc.RestartAnalysis:
+                raise
+            except Exception as e:  # Inductor cannot lower some torch.cond graphs: rewrite again without them
+                if self.config.strict:
+                    raise
+                rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id, dispatch=False)
+                why = (f"Inductor could not compile the dispatch on rows ({type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0][:200]}); the choice at the example's size serves all")
+                log.warning("torchfx_eff: graph %d: %s", graph_id, why)
+                for r in records:
+                    r.reason = f"{r.reason}; {why}" if r.kind == "linear" and r.status == "rewritten" else r.reason
+                compiled = self.inner_compile(rewritten, gm, example_inputs, records)
+        else:
+            compiled = self.inner_compile(rewritten, gm, example_inputs, records)
         report.add_graph(records, self.config.log)
         if packed and any(r.status == "rewritten" for r in records):
             return _guard_packed_weights(compiled, gm, packed, graph_id, self.config.log)
         return compiled
 
-    def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int):
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True):
         """A rewritten copy of gm (gm itself is never modified), one record per site, and the parameters
-        (with their version counters) that rewrites packed into constants."""
+        (with their version counters) that rewrites packed into constants. dispatch=False: no site dispatches
+        on its row count; each takes its choice at the example's size."""
         config = self.config
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
             passes.normalize(work)
             info = passes.GraphInfo(work, list(example_inputs))
+        with stage("siblings"):
+            fuse = config.fuse_siblings and config.family("linear") != "off"
+            fused = passes.fuse_siblings(info, graph_id) if fuse else []
         with stage("match"):
             found = [s for kind, match in passes.MATCHERS.items() for s in match(info)]
-        records, sites = [], []
+        records, sites = fused, []
         for s in found:
             if isinstance(s, passes.Miss):
                 records.append(SiteRecord(graph_id, s.kind, "missed", s.op, s.location, reason=s.reason))
@@ -101,12 +121,14 @@ class Backend:
                 spec = dataclasses.replace(spec, custom_op_s=0.0)  # replayed from a CUDA graph: no Python dispatch
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
             regimes = {id(s): {label: cost.candidates(s, spec, config, hints) for label, hints in by_rows.items()}
-                       for s in sites if (by_rows := cost.regime_hints(s))}
+                       for s in sites if dispatch and (by_rows := cost.regime_hints(s))}
             blocker = self._blocker(info)
             contested = lambda s, c: any(len(cost.ranked(x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
             todo = [(s, c) for s, c in plans if not blocker and (contested(s, c) or config.calibrate)]
         with stage("capture"):
             values = gate.capture(work, example_inputs, {s.node: s.chain for s, _ in todo}) if todo else {}
+            for s, _ in todo:  # e.g. activation statistics for rewrites that smooth them (w8a8_smooth)
+                s.inputs = values[s.node]
         if config.calibrate and todo:
             with stage("calibrate"):
                 self._calibrate(todo, values, spec)
@@ -213,11 +235,8 @@ class Backend:
         """Compile the rewritten graph; if the inner compiler fails on it, the original, and say so in records."""
         if self.config.inner == "eager":
             return rewritten.forward
-        from torch._inductor.compile_fx import compile_fx
-
         try:
-            with torch._inductor.config.patch(_inductor_options(self.config)):
-                return compile_fx(rewritten, example_inputs)
+            return _compile_fx(rewritten, example_inputs, self.config)
         except torch._dynamo.exc.RestartAnalysis:
             raise  # not a failure: Dynamo re-traces the frame (e.g. to specialize a float) and calls us again
         except Exception as e:
@@ -229,8 +248,19 @@ class Backend:
                 if r.status == "rewritten":
                     r.status, r.chosen, r.reason = "fallback", "original", why
             records.append(SiteRecord(records[0].graph_id if records else -1, "graph", "fallback", "-", reason=why))
-            with torch._inductor.config.patch(_inductor_options(self.config)):
-                return compile_fx(original, example_inputs)
+            return _compile_fx(original, example_inputs, self.config)
+
+
+def _compile_fx(gm: fx.GraphModule, example_inputs, config: Config):
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._inductor.config.patch(_inductor_options(config)):
+        return compile_fx(gm, example_inputs)
+
+
+def _dispatches(records) -> bool:
+    """Whether some rewritten site dispatches on its row count (its regimes chose differently)."""
+    return any(len({r["chosen"] for r in rec.regimes.values()}) > 1 for rec in records if rec.status == "rewritten")
 
 
 def _inductor_options(config: Config) -> dict:

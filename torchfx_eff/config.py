@@ -9,6 +9,7 @@ from typing import Union
 ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
+BOOLEANS = ("calibrate", "strict", "fuse_siblings")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
 FamilyChoice = Union[str, tuple]
@@ -37,6 +38,9 @@ class Config:
     inner: compiler for the rewritten graph: Inductor (optionally in one of torch.compile's modes) or eager.
     calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
+    fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
+        weights, before matching (exact). Off by default: the concatenation is a copy kept next to the
+        module's parameters (about +70% of a Llama layer's weight bytes). linear="off" turns it off too.
     log: path of a JSONL file that receives every compiled graph's records.
     device: name of a device spec (see torchfx_eff.cost.devices.SPECS) to cost for instead of the detected one.
     """
@@ -47,6 +51,7 @@ class Config:
     inner: str = "inductor"
     calibrate: bool = False
     strict: bool = False
+    fuse_siblings: bool = False
     log: str | None = None
     device: str | None = None
 
@@ -56,7 +61,7 @@ class Config:
         set_("linear", _family("linear", self.linear))
         _choice("accuracy", self.accuracy, ACCURACY)
         _choice("inner", self.inner, INNER)
-        for field in ("calibrate", "strict"):
+        for field in BOOLEANS:
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Config.{field}={getattr(self, field)!r} is not allowed; use True or False")
         if self.log is not None and not isinstance(self.log, (str, os.PathLike)):
@@ -84,7 +89,7 @@ class Config:
             raw = environ.get(f"TORCHFX_EFF_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name in ("calibrate", "strict"):
+            if f.name in BOOLEANS:
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(f"TORCHFX_EFF_{f.name.upper()}={raw!r} is not allowed; use 1/0/true/false")
                 values[f.name] = raw.lower() in ("1", "true", "yes")

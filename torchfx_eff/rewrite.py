@@ -6,13 +6,15 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .kernels import Replacement
+from .passes.siblings import SOURCES
 
 
 class Rewriter:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.replaced: dict[fx.Node, fx.Node] = {}  # a site's old node -> its replacement, for later sites' args
-        self.packed: list[tuple[torch.Tensor, int]] = []  # parameters baked into constants, with their versions
+        # parameters baked into constants, with their versions (from earlier passes too: fused siblings' copies)
+        self.packed: list[tuple[torch.Tensor, int]] = list(gm.meta.get(SOURCES, []))
 
     def _arg(self, arg, before: fx.Node, prefix: str):
         if isinstance(arg, fx.Node):

@@ -37,6 +37,22 @@ _HOPPER_EFFICIENCY = {
     "sdpa_flash": (0.50, 0.77), "sdpa_cudnn": (0.82, 0.88), "sdpa_efficient": (0.25, 0.7), "sdpa_math": (0.10, 0.2),
     "triton_flash": (0.67, 0.88),
     "dense_bfloat16": (1.0, 0.7), "dense_float16": (1.0, 0.7), "dense_float32": (1.0, 0.7), "int8pack": (0.2, 0.05),
+    # Low-bit Triton kernels (kernels/packed_linear.py), one H100 run, CUDA graphs, bf16, N = K = 4096..8192: decoding
+    # in registers bounds them (ternary GEMV 3-4 TFLOP/s, 360-440 GB/s of packed weights; 2:4 GEMVs ~0.8 TFLOP/s;
+    # GEMMs at M=64: ternary 12, 2:4 ~6.5 TFLOP/s); cuSPARSELt 608 TFLOP/s at 4096^3 (its host time is charged apart)
+    "ternary_gemv": (0.0055, 0.15), "ternary_gemm": (0.017, 0.15), "ternary_sparse24_gemv": (0.0011, 0.15),
+    "ternary_sparse24_gemm": (0.009, 0.15), "sparse24_gemv": (0.0011, 0.15), "sparse24_gemm": (0.009, 0.15),
+    "sparse24_cusparselt": (0.84, 0.7),
+    # 8-bit GEMMs after a per-row activation quantization, the GEMM alone measured on the H100 (torch 2.11, Triton 3.6;
+    # K x N = 4096 x 14336 and 8192 x 8192): FLOPs as a fraction of the bf16 rate (8-bit tensor cores double it) at
+    # M=4096, weight bytes as a fraction of copy bandwidth at M=1..16. The Triton fp8 GEMM promotes its accumulator to
+    # fp32 every K block, which costs it a third of _scaled_mm's rate; its int8 twin needs no promotion.
+    "fp8_scaled_mm": (1.6, 0.65), "fp8_triton": (1.1, 0.75), "w8a8_triton": (1.55, 0.8),
+    # weight-only Triton kernels (int4/int8_weight_only), measured on the H100 once (bf16, N x K of 4096 x 4096,
+    # 14336 x 4096, 4096 x 14336; not yet in bench/): the GEMV (1-2 rows) reaches 0.2-0.3 (int4) / 0.3-0.5 (int8) of
+    # copy bandwidth at one row and decodes the weights again for each further row (its FLOP fraction); the GEMM
+    # reaches 0.3 (int4) / 0.4 (int8) of the bf16 rate at 2048 rows and 0.1-0.2 / 0.2-0.45 of bandwidth at 4-16
+    "int4_gemv": (0.004, 0.25), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.4), "int8_gemm": (0.4, 0.3),
 }
 
 

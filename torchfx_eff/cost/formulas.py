@@ -76,3 +76,92 @@ def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
 
 def evaluate(expr: sympy.Expr, hints: dict) -> float:
     return float(expr.xreplace(hints))
+
+
+def _int8_activations_linear(site, spec: DeviceSpec, weight_bytes, kernel: str) -> sympy.Expr:
+    """An int8 x low-bit weight kernel (FLOPs at the bf16 rate times the kernel's efficiency), after one fused
+    pass that quantizes the activations per row (read x, write int8 x and fp32 row scales)."""
+    M, N, K = (site.dims[d] for d in "MNK")
+    b = itemsize(site.dtype)
+    matmul = roofline(2 * M * N * K, weight_bytes + 4 * N + M * K + 4 * M + M * N * b, spec, torch.bfloat16, kernel)
+    return matmul + roofline(0, M * K * (b + 1) + 4 * M, spec, site.dtype, "elementwise")
+
+
+def _by_rows(site, split_rows: int, few: sympy.Expr, many: sympy.Expr) -> sympy.Expr:
+    """`few` when the site has at most split_rows rows (a GEMV-style kernel), else `many`."""
+    return sympy.Piecewise((few, site.dims["M"] <= split_rows), (many, True))
+
+
+def linear_ternary(site, spec: DeviceSpec, split_rows: int) -> sympy.Expr:
+    """Ternary weights, 2 bits each, with fp32 per-channel scales; int8 activations. A GEMV up to split_rows
+    rows, a GEMM above (keys ternary_gemv / ternary_gemm)."""
+    N, K = site.dims["N"], site.dims["K"]
+    return _by_rows(site, split_rows, _int8_activations_linear(site, spec, N * K / 4, "ternary_gemv"),
+                    _int8_activations_linear(site, spec, N * K / 4, "ternary_gemm"))
+
+
+def linear_ternary_sparse24(site, spec: DeviceSpec, split_rows: int) -> sympy.Expr:
+    """Ternary 2:4: the kept half's 2-bit codes and 2-bit indices (2 bits a weight); int8 activations."""
+    N, K = site.dims["N"], site.dims["K"]
+    return _by_rows(site, split_rows, _int8_activations_linear(site, spec, N * K / 4, "ternary_sparse24_gemv"),
+                    _int8_activations_linear(site, spec, N * K / 4, "ternary_sparse24_gemm"))
+
+
+def linear_sparse24(site, spec: DeviceSpec, split_rows: int, many_rows_kernel: str) -> sympy.Expr:
+    """2:4 weights: half the values in the site's dtype + 2-bit indices. The Triton GEMV up to split_rows
+    rows (key sparse24_gemv), `many_rows_kernel` above (sparse24_cusparselt or sparse24_gemm)."""
+    M, N, K = (site.dims[d] for d in "MNK")
+    nbytes = N * K * itemsize(site.dtype) / 2 + N * K / 8 + (M * K + M * N) * itemsize(site.dtype)
+    return _by_rows(site, split_rows, roofline(2 * M * N * K, nbytes, spec, site.dtype, "sparse24_gemv"),
+                    roofline(2 * M * N * K, nbytes, spec, site.dtype, many_rows_kernel))
+
+
+def linear_fp8(site, spec: DeviceSpec, kernel: str = "fp8_scaled_mm") -> sympy.Expr:
+    """e4m3 weights (N*K bytes) with fp32 channel scales, activations quantized to e4m3 per row at run time (one
+    fused pass), fp32 accumulation. `kernel` keys the GEMM's efficiency (fp8 tensor cores: up to twice the bf16
+    rate). torch._scaled_mm adds no bias to fp32 output: that costs one more elementwise pass."""
+    M, N = site.dims["M"], site.dims["N"]
+    cost = _int8_activations_linear(site, spec, N * site.dims["K"], kernel)
+    if kernel == "fp8_scaled_mm" and site.bias is not None and site.dtype == torch.float32:
+        cost += roofline(0, M * N * 8, spec, site.dtype, "elementwise")
+    return cost
+
+
+def linear_w8a8(site, spec: DeviceSpec) -> sympy.Expr:
+    """SmoothQuant: int8 weights (N*K bytes), activations smoothed and quantized to int8 per row at run time (one
+    fused pass). CUDA: the Triton int8 GEMM, dequantizing in its epilogue, plus a custom op's dispatch. CPU:
+    ATen's _int_mm writes an int32 result that one more fused pass dequantizes (key "int_mm"; a spec that has
+    not measured it is taken at the bf16 rate)."""
+    M, N, K = (site.dims[d] for d in "MNK")
+    if spec.type == "cuda":
+        return _int8_activations_linear(site, spec, N * K, "w8a8_triton") + spec.custom_op_s
+    b = itemsize(site.dtype)
+    quantize = roofline(0, M * K * (b + 1) + 4 * M, spec, site.dtype, "elementwise")
+    matmul = roofline(2 * M * N * K, N * K + M * K + 4 * M * N, spec, torch.bfloat16, "int_mm")
+    return quantize + matmul + roofline(0, M * N * (4 + b) + 4 * (M + N), spec, site.dtype, "elementwise")
+
+
+def linear_weight_only_triton(site, spec: DeviceSpec, bits: int, weight_bytes, gemv_rows: int) -> sympy.Expr:
+    """A weight-only Triton kernel (int4/int8 weights decoded in registers) in the regime it runs in: the GEMV
+    (key "int{bits}_gemv", CUDA-core FMAs) up to gemv_rows rows, the tl.dot GEMM ("int{bits}_gemm") above.
+    Activations and output move in the site's dtype."""
+    M, N, K = (site.dims[d] for d in "MNK")
+    flops, nbytes = 2 * M * N * K, weight_bytes + (M * K + M * N) * itemsize(site.dtype)
+    gemv, gemm = (roofline(flops, nbytes, spec, site.dtype, f"int{bits}_{kind}") for kind in ("gemv", "gemm"))
+    return sympy.Piecewise((gemv, M <= gemv_rows), (gemm, True))
+
+
+def linear_int4_weight_only(site, spec: DeviceSpec, group_size: int = 64, gemv_rows: int | None = None) -> sympy.Expr:
+    """int4 weights with a bf16 scale and zero per group of group_size along K (K padded to the group): N*Kp/2 +
+    4*N*Kp/group_size bytes. gemv_rows=None: ATen's CPU kernel (key "int4pack"), which takes bf16 activations, so
+    other dtypes are cast around it, as for int8. Otherwise the Triton kernels, whose GEMV takes up to gemv_rows
+    rows (linear_weight_only_triton)."""
+    M, N, K = (site.dims[d] for d in "MNK")
+    Kp = sympy.ceiling(K / group_size) * group_size
+    weight_bytes = N * Kp / 2 + 4 * N * Kp / group_size
+    if gemv_rows is not None:
+        return linear_weight_only_triton(site, spec, 4, weight_bytes, gemv_rows)
+    cost = roofline(2 * M * N * Kp, weight_bytes + 2 * (M * Kp + M * N), spec, torch.bfloat16, "int4pack")
+    if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
+        cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)
+    return cost

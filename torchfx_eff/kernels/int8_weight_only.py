@@ -1,14 +1,17 @@
-"""int8 weight-only linear: per-output-channel symmetric int8 weights, bf16 activations.
+"""int8 weight-only linear: per-output-channel symmetric int8 weights with bf16 scales.
 
 CPU runs ATen's `_weight_int8pack_mm`; it is ~10x slower with fp32 activations, so other dtypes are cast to
-bf16 around it (the cost formula charges the casts, the numerics gate judges the rounding).
+bf16 around it (the cost formula charges the casts, the numerics gate judges the rounding). CUDA runs the Triton
+kernels of weight_only_triton.py on the same int8 weights and scales (ATen's CUDA int8pack_mm reaches only
+~150 GB/s), with activations in their own dtype.
 """
 from __future__ import annotations
 
 import torch
 
 from ..cost import formulas
-from .registry import Implementation, Replacement, needs_device, needs_dtype, pack_once, register
+from . import weight_only_triton as wt
+from .registry import Implementation, Replacement, pack_once, register
 
 
 def quantize_per_channel(weight_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,23 +37,37 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch
     return out if bias is None else out + bias
 
 
-def applicable(site, spec) -> str | None:
+def _aten_refusal(site) -> str | None:
     K = site.size("K")
-    if reason := needs_device(site, "cpu") or needs_dtype(site, (torch.bfloat16, torch.float32, torch.float16)):
-        return reason
-    if K % 16:
-        return f"K={K} is not a multiple of 16, which ATen's CPU int8pack_mm needs"
-    if not site.weight.is_floating_point():
-        return f"weight dtype {site.weight.dtype} is not floating point"
-    return None
+    return f"K={K} is not a multiple of 16, which ATen's CPU int8pack_mm needs" if K % 16 else None
+
+
+def applicable(site, spec) -> str | None:
+    return wt.applicable(site, _aten_refusal(site))
+
+
+def _triton_cost(site, spec):
+    N, K = site.dims["N"], site.dims["K"]
+    return wt.triton_cost(formulas.linear_weight_only_triton(site, spec, 8, N * K + 2 * N, wt.GEMV_MAX_ROWS), spec)
+
+
+def _on_triton(site) -> bool:
+    return wt.uses_triton(site, _aten_refusal(site), formulas.linear_int8_weight_only, _triton_cost)
+
+
+def _cost(site, spec):
+    return (_triton_cost if _on_triton(site) else formulas.linear_int8_weight_only)(site, spec)
 
 
 def replace(site) -> Replacement:
     q, scales = pack_once(site.weight, f"int8_per_channel_{site.weight_layout}",
                           lambda: quantize_per_channel(site.weight_nk()))
-    return Replacement(int8_weight_only_linear, (site.x, q, scales, site.bias),
-                       weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes), sources={site.weight_name: site.weight})
+    if _on_triton(site):
+        op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, q, scales, None, site.bias, 8, 0)
+    else:
+        op, args = int8_weight_only_linear, (site.x, q, scales, site.bias)
+    return Replacement(op, args, weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes),
+                       sources={site.weight_name: site.weight})
 
 
-register(Implementation("int8_weight_only", "linear", applicable, formulas.linear_int8_weight_only, replace,
-                        accuracy="balanced"))
+register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced"))

@@ -2,9 +2,10 @@
 from . import attention, linear
 from .graph import GraphInfo
 from .normalize import normalize
+from .siblings import fuse as fuse_siblings
 from .sites import AttentionSite, LinearSite, Miss, Site
 
 # One matcher per site family; each yields Site or Miss objects.
 MATCHERS = {"attention": attention.match, "linear": linear.match}
 
-__all__ = ["MATCHERS", "AttentionSite", "GraphInfo", "LinearSite", "Miss", "Site", "normalize"]
+__all__ = ["MATCHERS", "AttentionSite", "GraphInfo", "LinearSite", "Miss", "Site", "fuse_siblings", "normalize"]

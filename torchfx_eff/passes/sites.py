@@ -20,6 +20,8 @@ class Site:
     dims: dict[str, sympy.Expr]  # named sizes over the graph's symbols
     hints: dict[sympy.Symbol, int] = field(default_factory=dict)
     chain: list[fx.Node] = field(default_factory=list)  # every node the rewrite replaces, `node` last
+    # the values the chain reads, on the example inputs: set by the backend after its capture, before any replace()
+    inputs: dict[fx.Node, object] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.chain = self.chain or [self.node]

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 STATUSES = ("rewritten", "kept", "fallback", "missed")
+FUSED_COPY_PREFIX = "_torchfx_eff_cat_"  # names of the concatenated weights of fused sibling linears
 
 
 @dataclass
@@ -84,9 +85,12 @@ class Report:
 
     def weight_bytes(self) -> tuple[int, int]:
         """Weight bytes (before, after) of the parameters that rewritten sites repacked, each parameter once
-        (graphs share a parameter's packed copy)."""
+        (graphs share a parameter's packed copy). A site that repacked a fused siblings' concatenation adds its
+        after only: its before is that copy, the after of the "siblings" record."""
         pairs = {tuple(s.packed) or id(s): s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"}
-        return sum(p[0] for p in pairs.values()), sum(p[1] for p in pairs.values())
+        copies = {k for k in pairs if isinstance(k, tuple) and all(str(n).startswith(FUSED_COPY_PREFIX) for n in k)}
+        before = sum(p[0] for k, p in pairs.items() if k not in copies)
+        return before, sum(p[1] for p in pairs.values())
 
     def __str__(self) -> str:
         """A table with one row per group of identical sites (same graph, location, shape and decision)."""

@@ -1,0 +1,269 @@
+"""int4 weight-only: quantization error bounds, the packed layout, the Triton kernels (interpreter: fp32/fp16) and
+ATen's CPU kernel against fp64 products of the dequantized weights, the cost formula by hand, and the backend end
+to end on both paths."""
+import types
+
+import pytest
+import sympy
+import torch
+from helpers import LinearStack, compiled, sites, sqnr_ref
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import torchfx_eff
+from torchfx_eff.cost import DeviceSpec, formulas
+from torchfx_eff.kernels import int4_weight_only, weight_only_triton
+from torchfx_eff.kernels.int4_weight_only import (
+    GROUP_SIZES,
+    int4_weight_only_linear,
+    pack_for_cpu,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
+from torchfx_eff.kernels.weight_only_triton import weight_only_matmul
+
+U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
+
+
+def dequantize(codes, scales, zeros, group_size, K):
+    """The fp64 weights the codes stand for, (q - 8) * scale + zero per group, cut back to K columns."""
+    N = codes.shape[0]
+    w = (codes.double().reshape(N, -1, group_size) - 8) * scales.double()[..., None] + zeros.double()[..., None]
+    return w.reshape(N, -1)[:, :K]
+
+
+def _weights(n, k, dtype):
+    w = torch.randn(n, k, dtype=torch.float64)
+    w[0] = 0.0  # an all-zero channel
+    w[1] = 0.3  # a constant channel
+    w[2] = 100 + 0.01 * w[2]  # far from zero relative to its spread: the bf16 zero's rounding exceeds half a step
+    w[3] *= 1e-6  # a tiny channel
+    w[4, 5] = 40.0  # an outlier dominating its group
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("K", [128, 100])  # 100: padded to the group
+def test_quantize_error_is_within_half_a_step(K, group_size, dtype):
+    N = 24
+    w = _weights(N, K, dtype)
+    codes, scales, zeros = quantize_int4(w, group_size)
+    Kp = -(-K // group_size) * group_size
+    assert codes.shape == (N, Kp) and codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert scales.shape == zeros.shape == (N, Kp // group_size) and scales.dtype == zeros.dtype == torch.bfloat16
+    deq = dequantize(codes, scales, zeros, group_size, K)
+    per_group = lambda t: t.double().repeat_interleave(group_size, dim=1)[:, :K]
+    s, z = per_group(scales), per_group(zeros)
+    err = (w.double() - deq).abs()
+    # within half a step, or within the bf16 rounding of the zero where that is larger (channel 2)
+    assert bool((err <= torch.maximum(s / 2, U_BF16 * z.abs()) * (1 + 1e-5) + 1e-30).all()), (err / s).max()
+    assert bool((err[3:] <= s[3:] / 2 * (1 + 1e-5)).all())
+    assert torch.equal(deq[0], torch.zeros(K, dtype=torch.float64))
+    assert bool(((deq[1] - w[1].double()).abs() <= U_BF16 * 0.3).all())  # the padding widened no range
+    # the step is the group's span / 15, rounded up to bf16: the 16 codes cover it, 0 and 15 both used
+    span = torch.nn.functional.pad(w.double(), (0, Kp - K), mode="replicate").reshape(N, -1, group_size)
+    span = span.amax(-1) - span.amin(-1)
+    assert bool((scales.double()[4:] >= span[4:] / 15).all())
+    assert bool((scales.double()[4:] <= span[4:] / 15 * (1 + 2 * U_BF16)).all())
+    grouped = codes[4:].reshape(N - 4, -1, group_size)
+    assert bool((grouped.amin(-1) == 0).all() and (grouped.amax(-1) == 15).all())
+
+
+def test_pack_unpack_round_trip_and_layout():
+    g = 32
+    codes = torch.randint(0, 16, (3, 4 * g), dtype=torch.uint8)
+    packed = pack_int4(codes, g)
+    assert packed.shape == (3, 2 * g) and packed.dtype == torch.uint8
+    for n in range(3):  # the documented layout, element by element
+        for group in range(4):
+            for j in range(g // 2):
+                lo, hi = int(codes[n, group * g + j]), int(codes[n, group * g + g // 2 + j])
+                assert int(packed[n, group * g // 2 + j]) == lo | hi << 4
+    assert torch.equal(unpack_int4(packed, g), codes)
+    for group_size in GROUP_SIZES:
+        raw = torch.randint(0, 256, (5, 3 * group_size // 2), dtype=torch.uint8)
+        assert torch.equal(pack_int4(unpack_int4(raw, group_size), group_size), raw)
+
+
+@pytest.mark.parametrize("bad", [16, 48, 256, 0, "64", None])
+def test_bad_group_size_raises(bad):
+    with pytest.raises(ValueError, match=r"group_size=.* choose one of \(32, 64, 128\)"):
+        quantize_int4(torch.randn(16, 64), bad)
+    with pytest.raises(ValueError, match=r"group_size=.* choose one of \(32, 64, 128\)"):
+        weight_only_matmul(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8), torch.ones(16, 1),
+                           torch.zeros(16, 1), None, 4, bad)
+
+
+def test_bad_bits_raise():
+    with pytest.raises(ValueError, match=r"bits=3 .* choose 4 or 8"):
+        weight_only_matmul(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8), torch.ones(16, 1), None, None, 3, 64)
+
+
+def _reference(x, deq, bias):
+    ref = x.double() @ deq.T
+    scale = x.double().abs() @ deq.abs().T  # sum_k |x_k w_nk|: what rounding errors scale with
+    if bias is not None:
+        ref, scale = ref + bias.double(), scale + bias.double().abs()
+    return ref, scale
+
+
+TRITON_TOL = {torch.float32: 2.0 ** -16, torch.float16: 2.0 ** -9}  # of sum |x w|: fp32 sums; fp16 out (and tile)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64)])
+@pytest.mark.parametrize("N,K,group_size,with_bias", [(40, 100, 32, True), (130, 256, 64, False), (48, 200, 128, True)])
+def test_triton_kernels_match_fp64_reference(kernel, M, N, K, group_size, with_bias, dtype, monkeypatch):
+    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", 1 << 30 if kernel == "gemv" else 0)  # either, any M
+    codes, scales, zeros = quantize_int4(torch.randn(N, K), group_size)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    out = weight_only_matmul(x, pack_int4(codes, group_size), scales, zeros, bias, 4, group_size)
+    assert out.shape == (M, N) and out.dtype == dtype
+    ref, scale = _reference(x, dequantize(codes, scales, zeros, group_size, K), bias)
+    err = (out.double() - ref).abs()
+    assert bool((err <= TRITON_TOL[dtype] * scale).all()), (err / scale).max()
+
+
+def test_triton_kernel_keeps_leading_dims_and_reads_strided_input():
+    codes, scales, zeros = quantize_int4(torch.randn(24, 64), 32)
+    packed = pack_int4(codes, 32)
+    x = torch.randn(5, 2, 64).transpose(0, 1)  # [2, 5, 64], not contiguous
+    out = weight_only_matmul(x, packed, scales, zeros, None, 4, 32)
+    assert out.shape == (2, 5, 24)
+    torch.testing.assert_close(out, weight_only_matmul(x.contiguous(), packed, scales, zeros, None, 4, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("N,K,group_size,with_bias", [(48, 100, 32, True), (64, 256, 64, False), (32, 384, 128, True)])
+def test_aten_cpu_kernel_matches_fp64_reference(M, N, K, group_size, with_bias, dtype):
+    """bf16 activations (fp32 ones rounded to bf16 first), fp32 sums, a bf16 result, then the bias in x's dtype:
+    each element within a few bf16 roundings of sum |x w| + |b|."""
+    codes, scales, zeros = quantize_int4(torch.randn(N, K), group_size)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    out = int4_weight_only_linear(x, *pack_for_cpu(codes, scales, zeros), group_size, bias)
+    assert out.shape == (M, N) and out.dtype == dtype
+    ref, scale = _reference(x, dequantize(codes, scales, zeros, group_size, K), bias)
+    err = (out.double() - ref).abs()
+    assert bool((err <= 3 * U_BF16 * scale).all()), (err / scale).max()
+
+
+def test_fake_tensor_shapes():
+    with FakeTensorMode():
+        x = torch.empty(3, 7, 100, dtype=torch.bfloat16)
+        out = torch.ops.torchfx_eff.weight_only_mm(x, torch.empty(48, 64, dtype=torch.uint8), torch.empty(48, 4),
+                                                   torch.empty(48, 4), None, 4, 32)
+        assert out.shape == (3, 7, 48) and out.dtype == torch.bfloat16
+        out = int4_weight_only_linear(torch.empty(5, 100), torch.empty(48, 64, dtype=torch.uint8),
+                                      torch.empty(4, 48, 2, dtype=torch.bfloat16), 32, None)
+        assert out.shape == (5, 48) and out.dtype == torch.float32
+
+
+def test_cpu_kernel_under_torch_compile_matches_eager_call():
+    codes, scales, zeros = quantize_int4(torch.randn(32, 100), 32)
+    packed, sz = pack_for_cpu(codes, scales, zeros)
+
+    def f(x):
+        return int4_weight_only_linear(x, packed, sz, 32, None) * 2
+
+    cf = torch.compile(f, fullgraph=True, backend="eager", dynamic=True)
+    for shape in [(2, 3, 100), (4, 3, 100)]:
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        assert torch.equal(cf(x), f(x))
+
+
+HAND = DeviceSpec("hand", "cpu", flops={"float32": 1e11, "bfloat16": 2e11, "float16": 2e11}, bandwidth=1e11,
+                  launch_s=1e-5, efficiency={"int4pack": (0.25, 0.5), "int4_gemv": (0.1, 0.8), "int4_gemm": (0.5, 0.4),
+                                             "elementwise": (1.0, 1.0)})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cost_formula_by_hand(dtype):
+    m = sympy.Symbol("m", positive=True, integer=True)
+    site = types.SimpleNamespace(dims={"M": m, "N": sympy.Integer(64), "K": sympy.Integer(100)}, dtype=dtype)
+    N, K, Kp, b = 64, 100, 128, dtype.itemsize
+    weights = N * Kp / 2 + 4 * N * Kp / 64
+    for M in (3, 40):
+        aten = max(2 * M * N * Kp / (2e11 * 0.25), (weights + 2 * (M * Kp + M * N)) / (1e11 * 0.5)) + 1e-5
+        if dtype != torch.bfloat16:
+            aten += (M * K + M * N) * (b + 2) / 1e11 + 2e-5
+        f_eff, b_eff = HAND.efficiency["int4_gemv" if M <= 16 else "int4_gemm"]  # GEMV up to gemv_rows=16
+        rate = 2e11 if dtype == torch.bfloat16 else 1e11
+        triton = max(2 * M * N * K / (rate * f_eff), (weights + (M * K + M * N) * b) / (1e11 * b_eff)) + 1e-5
+        for expr, by_hand in [(formulas.linear_int4_weight_only(site, HAND, 64), aten),
+                              (formulas.linear_int4_weight_only(site, HAND, 64, gemv_rows=16), triton)]:
+            assert float(expr.xreplace({m: M})) == pytest.approx(by_hand, rel=1e-12)
+
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of module.name (looked up at call time by the rewritten graph or the custom op)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_backend_rewrites_to_aten_int4_on_cpu(monkeypatch):
+    aten = _spy(monkeypatch, int4_weight_only, "int4_weight_only_linear")
+    triton = _spy(monkeypatch, weight_only_triton, "weight_only_matmul")
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, linear=("int4_weight_only",))(x)
+    linear = sites("linear")
+    assert len(linear) == 2
+    for s in linear:
+        assert (s.status, s.chosen) == ("rewritten", "int4_weight_only"), s.reason
+        assert s.sqnr_db >= 20.0  # the balanced budget
+        N, K = s.hints["N"], s.hints["K"]
+        assert s.weight_bytes == (N * K * 2, N * K // 2 + 4 * N * K // 64)
+    assert len(aten) == 2 * 2 and not triton  # the gate's run and the model's, per site
+    assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_group_128_needs_aggressive_accuracy():
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled(model, linear=("int4_weight_only_g128",))(x)
+    for s in sites("linear"):
+        g128 = next(c for c in s.candidates if c.name == "int4_weight_only_g128")
+        assert not g128.applicable and "needs accuracy='aggressive'" in g128.reason
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    with torch.no_grad():
+        compiled(model, linear=("int4_weight_only_g128",), accuracy="aggressive")(x)
+    assert all(s.chosen == "int4_weight_only_g128" for s in sites("linear")), [s.reason for s in sites("linear")]
+
+
+@pytest.mark.parametrize("rows", [1, 24], ids=["gemv", "gemm"])
+def test_backend_runs_the_triton_kernels_through_the_interpreter(rows, monkeypatch):
+    """Costed as if interpreted kernels ran at GPU speed, the Triton path wins on CPU (fp32: the interpreter's
+    bf16 is wrong)."""
+    monkeypatch.setattr(weight_only_triton, "INTERPRETER_SLOWDOWN", 1e-3)
+    aten = _spy(monkeypatch, int4_weight_only, "int4_weight_only_linear")
+    triton = _spy(monkeypatch, weight_only_triton, "weight_only_matmul")
+    model = LinearStack(k=128, n=96)
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, linear=("int4_weight_only",))(x)
+    assert all((s.status, s.chosen) == ("rewritten", "int4_weight_only") for s in sites("linear")), sites("linear")
+    assert len(triton) == 2 * 2 and not aten
+    assert sqnr_ref(ref, out) >= 20.0
+
+
+def test_cpu_site_that_aten_refuses_needs_the_interpreter(monkeypatch):
+    model = LinearStack(k=64, n=40).to(torch.bfloat16)  # up: N=40, not a multiple of 16
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(weight_only_triton, "INTERPRETING", False)
+    with torch.no_grad():
+        compiled(model, linear=("int4_weight_only",))(x)
+    up = next(s for s in sites("linear") if s.hints["N"] == 40)
+    int4 = next(c for c in up.candidates if c.name == "int4_weight_only")
+    assert not int4.applicable and "N=40 is not a multiple of 16" in int4.reason
+    down = next(s for s in sites("linear") if s.hints["N"] == 64)
+    assert next(c for c in down.candidates if c.name == "int4_weight_only").applicable

@@ -1,0 +1,165 @@
+"""Activation statistics for activation-quantized linears (w8a8_smooth): the per-input-channel max |x| that each
+linear's input reaches over calibration batches, kept per weight parameter and per modality.
+
+The model runs eagerly under a TorchFunctionMode that sees the same spellings the linear matcher takes
+(F.linear, addmm as in GPT-2's Conv1D, matmul against a parameter), so no model needs code of its own, and a
+rewrite finds a site's statistics by its weight parameter.
+
+Per-modality statistics (MASQuant's observation: text and image tokens load different channels) are stored and
+reported, but a compiled graph does not know which modality its input is, so smoothing uses their union (the
+channel-wise max over modalities), which is sound for every modality, if not tuned to each.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+from tqdm import tqdm
+
+UNLABELLED = "unlabelled"
+# spelling -> (position and keyword of x, of the weight, weight layout), as in passes/linear.py
+_SPELLINGS = {
+    torch.nn.functional.linear: ((0, "input"), (1, "weight"), "nk"),
+    torch.addmm: ((1, "mat1"), (2, "mat2"), "kn"),
+    torch.matmul: ((0, "input"), (1, "other"), "kn"),
+    torch.Tensor.matmul: ((0, "self"), (1, "other"), "kn"),  # x @ w
+}
+
+
+class ActivationStats:
+    """weight parameter -> {modality: fp32 [K] max |x| per input channel}, for as long as the parameter lives."""
+
+    def __init__(self):
+        self._by_weight = WeakIdKeyDictionary()
+        self.generation = 0  # bumped by each calibration run: weights packed from older statistics are stale
+
+    def record(self, weight: torch.Tensor, x: torch.Tensor, modality: str) -> None:
+        absmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+        per_modality = self._by_weight.setdefault(weight, {})
+        seen = per_modality.get(modality)
+        per_modality[modality] = absmax if seen is None else torch.maximum(seen, absmax)
+
+    def by_modality(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(self._by_weight.get(weight, {}))
+
+    def absmax(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The union over modalities (channel-wise max), or None if the weight was never calibrated. A fused
+        siblings' concatenation (Q/K/V, gate/up) has its members' statistics: they all read the same input."""
+        sources = [weight] if weight in self._by_weight else _copied_from(weight)
+        stats = [s for t in sources for s in self._by_weight.get(t, {}).values()]
+        return torch.stack(stats).amax(dim=0) if stats else None
+
+    def clear(self) -> None:
+        self._by_weight = WeakIdKeyDictionary()
+        self.generation += 1
+
+
+ACTIVATION_STATS = ActivationStats()
+
+
+def _copied_from(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters that passes/siblings.py concatenated into `weight`, if it is such a copy (read from that
+    pass's cache of copies: it keeps each copy with weak references to its members)."""
+    from .passes import siblings
+
+    for entries in list(getattr(siblings, "_COPIES", {}).values()):
+        for refs, _, copy in entries.values():
+            if copy is weight:
+                return [t for t in (ref() for ref in refs) if t is not None]
+    return []
+
+
+def _linear_operands(func, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(x, weight, K) when func is a linear spelling whose weight is a 2-D floating parameter."""
+    spelling = _SPELLINGS.get(func)
+    if spelling is None:
+        return None
+    (ix, kx), (iw, kw), layout = spelling
+    x = args[ix] if len(args) > ix else kwargs.get(kx)
+    w = args[iw] if len(args) > iw else kwargs.get(kw)
+    if not isinstance(w, torch.nn.Parameter) or w.dim() != 2 or not w.is_floating_point():
+        return None
+    K = w.shape[1] if layout == "nk" else w.shape[0]
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K or not x.is_floating_point():
+        return None
+    return x, w, K
+
+
+class _RecordLinearInputs(TorchFunctionMode):
+    def __init__(self, stats: ActivationStats, weights: set[int], modality: str):
+        super().__init__()
+        self.stats, self.weights, self.modality = stats, weights, modality
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        operands = _linear_operands(func, args, kwargs)
+        if operands is not None and id(operands[1]) in self.weights:
+            self.stats.record(operands[1], operands[0], self.modality)
+        return func(*args, **kwargs)
+
+
+@dataclass
+class LinearActivations:
+    """One calibrated linear: its weight's name, K, and max |x| per channel for each modality."""
+
+    name: str
+    K: int
+    by_modality: dict[str, torch.Tensor]
+
+    def summary(self) -> str:
+        union = torch.stack(list(self.by_modality.values())).amax(dim=0).clamp(min=1e-30)
+        parts = []
+        for modality, absmax in self.by_modality.items():
+            outlier = float(absmax.max() / absmax.median().clamp(min=1e-30))
+            # how much quieter this modality's typical channel is than the union that smoothing uses
+            coverage = float((absmax / union).median())
+            parts.append(f"{modality}: max|x|={float(absmax.max()):.3g} max/median={outlier:.1f} median share of union={coverage:.2f}")
+        return f"{self.name} (K={self.K}): " + "; ".join(parts)
+
+
+@dataclass
+class CalibrationReport:
+    linears: list[LinearActivations]
+    batches: int
+
+    def __str__(self) -> str:
+        head = f"activation statistics of {len(self.linears)} linears ({self.batches} batches in this call; they add up over calls)"
+        return "\n".join([head] + ["  " + lin.summary() for lin in self.linears])
+
+
+def _call(model, batch):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def calibrate_activations(model: torch.nn.Module, batches: Iterable, modality: str | Callable | None = None,
+                          progress: bool = True) -> CalibrationReport:
+    """Run `model` eagerly over `batches` (each a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) and record, for every linear whose weight is a 2-D floating parameter of the model, the max |x| of
+    each input channel. Statistics add up over calls; a backend compiled afterwards smooths with them.
+
+    modality: None (unlabelled), a label for every batch of this call, or a function batch -> label. Statistics
+    are kept per label; smoothing uses their union.
+    """
+    if modality is not None and not isinstance(modality, str) and not callable(modality):
+        raise ValueError(f"modality={modality!r} is not allowed; use None, a label string or a function batch -> label")
+    weights = {id(p): name for name, p in model.named_parameters() if p.dim() == 2 and p.is_floating_point()}
+    ids, count = set(weights), 0
+    for batch in tqdm(batches, desc="calibrating activations", disable=not progress):
+        label = modality(batch) if callable(modality) else modality or UNLABELLED
+        if not isinstance(label, str):
+            raise ValueError(f"modality(batch) returned {label!r}; it must return a label string")
+        with _RecordLinearInputs(ACTIVATION_STATS, ids, label):
+            _call(model, batch)
+        count += 1
+    ACTIVATION_STATS.generation += 1
+    linears = [LinearActivations(weights[id(p)], int(next(iter(s.values())).numel()), s)
+               for p in model.parameters() if id(p) in weights and (s := ACTIVATION_STATS.by_modality(p))]
+    return CalibrationReport(linears, count)

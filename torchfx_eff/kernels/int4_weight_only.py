@@ -1,0 +1,120 @@
+"""int4 weight-only linear: asymmetric 4-bit weights in groups of group_size (32, 64 or 128) along K, with a bf16
+scale and zero per (channel, group): w ~= (q - 8) * scale + zero, q in 0..15 (ATen's convention: zero is the value
+of code 8). K is padded to a multiple of the group, the weights by repeating a channel's last one (which widens no
+group's range) and the activations with zeros (so the padding adds nothing).
+
+CUDA runs the Triton kernels of weight_only_triton.py (a GEMV for a few rows, a GEMM above). CPU runs ATen's
+_weight_int4pack_mm_for_cpu: tens of times slower with fp32/fp16 activations than with bf16, so other dtypes are
+cast to bf16 around it (the cost formula charges the casts). Two candidates: group 64 under 'balanced' (~21 dB SQNR
+on Gaussian weights), group 128 only under 'aggressive' (~20 dB: no margin above the balanced budget).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..cost import formulas
+from . import weight_only_triton as wt
+from .registry import Implementation, Replacement, pack_once, register
+
+GROUP_SIZES = wt.GROUP_SIZES
+
+
+def check_group_size(group_size) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size!r} is not allowed; choose one of {GROUP_SIZES}")
+
+
+def quantize_int4(weight_nk: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (codes uint8 [N, Kp] in 0..15, scales bf16 [N, G], zeros bf16 [N, G]), Kp = G * group_size."""
+    check_group_size(group_size)
+    w = weight_nk.detach().float()
+    N, K = w.shape
+    w = F.pad(w, (0, -K % group_size), mode="replicate").reshape(N, -1, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    # The scale rounds up to bf16 so that 15 steps span [lo, hi]; a constant group has no span, and any step
+    # represents it by its zero.
+    step = ((hi - lo) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny)
+    scales = step.to(torch.bfloat16)
+    scales = torch.where(scales.float() < step, torch.nextafter(scales, scales.new_tensor(float("inf"))), scales)
+    zeros = (lo + 8 * scales.float()).to(torch.bfloat16)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    return q.to(torch.uint8).reshape(N, -1), scales, zeros
+
+
+# Layout for the Triton kernels: in group g of size G (G / 2 bytes per channel), byte j holds weight g*G + j in its
+# low nibble and weight g*G + G/2 + j in its high nibble. A channel's bytes run along K, so one group is G/2
+# contiguous bytes per channel (one to four 16-byte vectors), and its nibbles meet two contiguous halves of x.
+def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, Kp] codes in 0..15 -> [N, Kp / 2] uint8 in the layout above."""
+    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2, group_size // 2)
+    return (c[:, :, 0] | c[:, :, 1] << 4).reshape(codes.shape[0], -1)
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The inverse of pack_int4: [N, Kp / 2] uint8 -> [N, Kp] codes."""
+    b = packed.reshape(packed.shape[0], -1, 1, group_size // 2)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) through ATen's CPU int4 matmul; packed and scales_and_zeros [G, N, 2] come from pack_for_cpu.
+
+    Plain ATen ops rather than a custom op: Inductor traces into it, calls the kernel from C++ and fuses the casts
+    and the padding (as int8_weight_only_linear does)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).to(torch.bfloat16)
+    if pad := scales_and_zeros.shape[0] * group_size - K:
+        x2 = F.pad(x2, (0, pad))
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu.default(x2.contiguous(), packed, group_size, scales_and_zeros)
+    out = out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+    return out if bias is None else out + bias
+
+
+def pack_for_cpu(codes, scales, zeros) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int4's output in ATen's CPU layouts: packed [N, Kp / 2] uint8 and scales_and_zeros [G, N, 2]."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu.default(codes.to(torch.int32), 1)
+    return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+def _aten_refusal(site) -> str | None:
+    N = site.size("N")
+    return f"N={N} is not a multiple of 16, which ATen's CPU int4pack_mm needs" if N % 16 else None
+
+
+def _implementation(name: str, group_size: int, accuracy: str) -> Implementation:
+    aten_cost = functools.partial(formulas.linear_int4_weight_only, group_size=group_size)
+
+    def triton_cost(site, spec):
+        return wt.triton_cost(formulas.linear_int4_weight_only(site, spec, group_size, wt.GEMV_MAX_ROWS), spec)
+
+    def on_triton(site) -> bool:
+        return wt.uses_triton(site, _aten_refusal(site), aten_cost, triton_cost)
+
+    def cost(site, spec):
+        return (triton_cost if on_triton(site) else aten_cost)(site, spec)
+
+    def replace(site) -> Replacement:
+        path = "triton" if on_triton(site) else "aten"
+
+        def pack():
+            codes, scales, zeros = quantize_int4(site.weight_nk(), group_size)
+            return (pack_int4(codes, group_size), scales, zeros) if path == "triton" else pack_for_cpu(codes, scales, zeros)
+
+        packed = pack_once(site.weight, f"int4_g{group_size}_{path}_{site.weight_layout}", pack)
+        if path == "triton":
+            op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, *packed, site.bias, 4, group_size)
+        else:
+            op, args = int4_weight_only_linear, (site.x, *packed, group_size, site.bias)
+        return Replacement(op, args, weight_bytes=(site.weight.nbytes, sum(t.nbytes for t in packed)),
+                           sources={site.weight_name: site.weight})
+
+    return Implementation(name, "linear", lambda site, spec: wt.applicable(site, _aten_refusal(site)), cost, replace,
+                          accuracy=accuracy)
+
+
+register(_implementation("int4_weight_only", 64, "balanced"))
+register(_implementation("int4_weight_only_g128", 128, "aggressive"))
