@@ -36,7 +36,7 @@ PINNED_CPU = devices.DeviceSpec(
     flops={"float32": 1.5e11, "bfloat16": 2.0e11, "float16": 2.5e9},
     bandwidth=3.5e10, launch_s=2.8e-6,
     efficiency={"dense_float32": (1.0, 0.6), "dense_bfloat16": (1.0, 0.52), "dense_float16": (1.0, 0.6),
-                "int8pack": (0.385, 0.487), "sdpa_cpu": (0.58, 1.0), "elementwise": (1.0, 1.0)},
+                "int8pack": (0.385, 0.487), "int4pack": (0.3, 0.365), "sdpa_cpu": (0.58, 1.0), "elementwise": (1.0, 1.0)},
     custom_op_s=0.0,  # decisions in tests stay independent of Python dispatch speed; test_cost checks the term
 )
 

@@ -116,7 +116,7 @@ def measured_cpu() -> DeviceSpec:
     global _cpu_spec
     if _cpu_spec is not None:
         return _cpu_spec
-    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}|spec=2"
+    key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}|spec=3"
     path = cache_dir() / "devices.json"
     cached = read_json(path, {})
     if key in cached:
@@ -150,6 +150,12 @@ def _measure_cpu() -> DeviceSpec:
     gemv = wq.nbytes / _seconds(lambda: torch._weight_int8pack_mm(x1, wq, s)) / bandwidth
     gemm = 2 * 64 * n * k / _seconds(lambda: torch._weight_int8pack_mm(x64, wq, s), reps=3) / flops["bfloat16"]
     efficiency["int8pack"] = (gemm, gemv)
+    # ATen int4 (group 64) weight-only matmul, likewise
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
+    sz = torch.rand(k // 64, n, 2, dtype=torch.bfloat16)
+    int4 = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 64, sz)
+    efficiency["int4pack"] = (2 * 64 * n * k / _seconds(lambda: int4(x64), reps=3) / flops["bfloat16"],
+                              (w4.nbytes + sz.nbytes) / _seconds(lambda: int4(x1)) / bandwidth)
     q = torch.randn(1, 8, 512, 64)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     efficiency["sdpa_cpu"] = (4 * 8 * 512 * 512 * 64 / _seconds(lambda: sdpa(q, q, q)) / flops["float32"], 1.0)
