@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         if isinstance(r.get("value"), (int, float)) and r.get("anchor_value") is not None:
             ratio = r.get("ratio", r["value"] / r["anchor_value"])
             target = r.get("target_ratio", r.get("target"))
-            print(f"{r['name']:<44} {r['value']:>10.3g} {r['anchor_value']:>10.3g} {ratio:>6.2f}x "
+            print(f"{r['name']:<44} {r['value']:>10.4g} {r['anchor_value']:>10.4g} {ratio:>7.3f}x "
                   f"{'' if target is None else f'{target:.3g}':>7}")
     return 0
 
