@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..cost import formulas
+from . import quant_gemm
 from .packed_linear import (
     GEMV_MAX_ROWS,
     pack2,
@@ -39,9 +40,7 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float -> (int8 [M, K], fp32 scales [M]): per-row absmax, x ~= q * scale[:, None]."""
-    xf = x2.float()
-    scale = xf.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(xf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    return quant_gemm.quantize_rows(x2, torch.int8)
 
 
 def int8_ternary_linear(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None, w_scale: torch.Tensor,
