@@ -149,3 +149,15 @@ def fused_away(report=None, graph_id=None) -> int:
     for n eager calls and leaves one linear site. Expected linear sites = counts["linear"] - fused_away()."""
     return sum(int(s.op.rsplit(" x", 1)[1]) - 1 for s in sites("siblings", report=report)
                if graph_id is None or s.graph_id == graph_id)
+
+
+# weight_only_triton's three paths, each forced at any row count, and the rows the kernel tests take them at
+WEIGHT_ONLY_PATHS = [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64), ("dequantize", 1), ("dequantize", 7)]
+
+
+def force_weight_only_path(monkeypatch, path: str) -> None:
+    from torchfx_eff.kernels import weight_only_triton
+
+    gemv_max, dequantize_min = {"gemv": (1 << 30, 1 << 30), "gemm": (0, 1 << 30), "dequantize": (0, 0)}[path]
+    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", gemv_max)
+    monkeypatch.setattr(weight_only_triton, "DEQUANTIZE_MIN_ROWS", dequantize_min)

@@ -6,7 +6,7 @@ import types
 import pytest
 import sympy
 import torch
-from helpers import LinearStack, compiled, sites, sqnr_ref
+from helpers import WEIGHT_ONLY_PATHS, LinearStack, compiled, force_weight_only_path, sites, sqnr_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchfx_eff
@@ -112,10 +112,10 @@ TRITON_TOL = {torch.float32: 2.0 ** -16, torch.float16: 2.0 ** -9}  # of sum |x 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64)])
+@pytest.mark.parametrize("kernel,M", WEIGHT_ONLY_PATHS)
 @pytest.mark.parametrize("N,K,group_size,with_bias", [(40, 100, 32, True), (130, 256, 64, False), (48, 200, 128, True)])
 def test_triton_kernels_match_fp64_reference(kernel, M, N, K, group_size, with_bias, dtype, monkeypatch):
-    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", 1 << 30 if kernel == "gemv" else 0)  # either, any M
+    force_weight_only_path(monkeypatch, kernel)
     codes, scales, zeros = quantize_int4(torch.randn(N, K), group_size)
     x = torch.randn(M, K).to(dtype)
     bias = torch.randn(N).to(dtype) if with_bias else None
@@ -177,7 +177,8 @@ def test_cpu_kernel_under_torch_compile_matches_eager_call():
 
 HAND = DeviceSpec("hand", "cpu", flops={"float32": 1e11, "bfloat16": 2e11, "float16": 2e11}, bandwidth=1e11,
                   launch_s=1e-5, efficiency={"int4pack": (0.25, 0.5), "int4_gemv": (0.1, 0.8), "int4_gemm": (0.5, 0.4),
-                                             "elementwise": (1.0, 1.0)})
+                                             "elementwise": (1.0, 1.0), "dense_bfloat16": (0.5, 0.25),
+                                             "dense_float32": (0.5, 0.25)})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -186,15 +187,19 @@ def test_cost_formula_by_hand(dtype):
     site = types.SimpleNamespace(dims={"M": m, "N": sympy.Integer(64), "K": sympy.Integer(100)}, dtype=dtype)
     N, K, Kp, b = 64, 100, 128, dtype.itemsize
     weights = N * Kp / 2 + 4 * N * Kp / 64
-    for M in (3, 40):
+    for M in (3, 40, 100):
         aten = max(2 * M * N * Kp / (2e11 * 0.25), (weights + 2 * (M * Kp + M * N)) / (1e11 * 0.5)) + 1e-5
         if dtype != torch.bfloat16:
             aten += (M * K + M * N) * (b + 2) / 1e11 + 2e-5
-        f_eff, b_eff = HAND.efficiency["int4_gemv" if M <= 16 else "int4_gemm"]  # GEMV up to gemv_rows=16
         rate = 2e11 if dtype == torch.bfloat16 else 1e11
-        triton = max(2 * M * N * K / (rate * f_eff), (weights + (M * K + M * N) * b) / (1e11 * b_eff)) + 1e-5
+        if M < 64:  # GEMV up to 16 rows, GEMM below 64
+            f_eff, b_eff = HAND.efficiency["int4_gemv" if M <= 16 else "int4_gemm"]
+            triton = max(2 * M * N * K / (rate * f_eff), (weights + (M * K + M * N) * b) / (1e11 * b_eff)) + 1e-5
+        else:  # weights decoded in one pass, then the dense matmul
+            decode = (weights + N * K * b) / 1e11 + 1e-5
+            triton = decode + max(2 * M * N * K / (rate * 0.5), (N * K + M * K + M * N) * b / (1e11 * 0.25)) + 1e-5
         for expr, by_hand in [(formulas.linear_int4_weight_only(site, HAND, 64), aten),
-                              (formulas.linear_int4_weight_only(site, HAND, 64, gemv_rows=16), triton)]:
+                              (formulas.linear_int4_weight_only(site, HAND, 64, (16, 64)), triton)]:
             assert float(expr.xreplace({m: M})) == pytest.approx(by_hand, rel=1e-12)
 
 

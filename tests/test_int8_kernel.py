@@ -2,7 +2,7 @@
 fp32/fp16) against an fp64 reference, the fake kernel, and the backend end to end on the Triton path."""
 import pytest
 import torch
-from helpers import LinearStack, compiled, sites, sqnr_ref
+from helpers import WEIGHT_ONLY_PATHS, LinearStack, compiled, force_weight_only_path, sites, sqnr_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchfx_eff
@@ -151,10 +151,10 @@ TRITON_TOL = {torch.float32: 2.0 ** -16, torch.float16: 2.0 ** -9}  # of sum |x 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64)])
+@pytest.mark.parametrize("kernel,M", WEIGHT_ONLY_PATHS)
 @pytest.mark.parametrize("N,K,with_bias", [(40, 100, True), (130, 256, False), (48, 300, True)])
 def test_triton_kernels_match_fp64_reference(kernel, M, N, K, with_bias, dtype, monkeypatch):
-    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", 1 << 30 if kernel == "gemv" else 0)  # either, any M
+    force_weight_only_path(monkeypatch, kernel)
     q, s = quantize_per_channel(torch.randn(N, K))
     x = torch.randn(M, K).to(dtype)
     bias = torch.randn(N).to(dtype) if with_bias else None

@@ -141,26 +141,31 @@ def linear_w8a8(site, spec: DeviceSpec) -> sympy.Expr:
     return quantize + matmul + roofline(0, M * N * (4 + b) + 4 * (M + N), spec, site.dtype, "elementwise")
 
 
-def linear_weight_only_triton(site, spec: DeviceSpec, bits: int, weight_bytes, gemv_rows: int) -> sympy.Expr:
+def linear_weight_only_triton(site, spec: DeviceSpec, bits: int, weight_bytes, gemv_rows: int,
+                              dequantize_rows: int) -> sympy.Expr:
     """A weight-only Triton kernel (int4/int8 weights decoded in registers) in the regime it runs in: the GEMV
-    (key "int{bits}_gemv", CUDA-core FMAs) up to gemv_rows rows, the tl.dot GEMM ("int{bits}_gemm") above.
-    Activations and output move in the site's dtype."""
+    (key "int{bits}_gemv", CUDA-core FMAs) up to gemv_rows rows, the tl.dot GEMM ("int{bits}_gemm") above, and
+    from dequantize_rows rows one decoding pass (read the packed weights, write them in the site's dtype) before
+    the dense matmul. Activations and output move in the site's dtype."""
     M, N, K = (site.dims[d] for d in "MNK")
-    flops, nbytes = 2 * M * N * K, weight_bytes + (M * K + M * N) * itemsize(site.dtype)
+    b = itemsize(site.dtype)
+    flops, nbytes = 2 * M * N * K, weight_bytes + (M * K + M * N) * b
     gemv, gemm = (roofline(flops, nbytes, spec, site.dtype, f"int{bits}_{kind}") for kind in ("gemv", "gemm"))
-    return sympy.Piecewise((gemv, M <= gemv_rows), (gemm, True))
+    decoded = roofline(0, weight_bytes + N * K * b, spec, site.dtype, "elementwise") + linear_dense(site, spec)
+    return sympy.Piecewise((gemv, M <= gemv_rows), (gemm, M < dequantize_rows), (decoded, True))
 
 
-def linear_int4_weight_only(site, spec: DeviceSpec, group_size: int = 64, gemv_rows: int | None = None) -> sympy.Expr:
+def linear_int4_weight_only(site, spec: DeviceSpec, group_size: int = 64,
+                            triton_rows: tuple[int, int] | None = None) -> sympy.Expr:
     """int4 weights with a bf16 scale and zero per group of group_size along K (K padded to the group): N*Kp/2 +
-    4*N*Kp/group_size bytes. gemv_rows=None: ATen's CPU kernel (key "int4pack"), which takes bf16 activations, so
-    other dtypes are cast around it, as for int8. Otherwise the Triton kernels, whose GEMV takes up to gemv_rows
-    rows (linear_weight_only_triton)."""
+    4*N*Kp/group_size bytes. triton_rows=None: ATen's CPU kernel (key "int4pack"), which takes bf16 activations,
+    so other dtypes are cast around it, as for int8. Otherwise the Triton kernels, with triton_rows = (gemv_rows,
+    dequantize_rows) (linear_weight_only_triton)."""
     M, N, K = (site.dims[d] for d in "MNK")
     Kp = sympy.ceiling(K / group_size) * group_size
     weight_bytes = N * Kp / 2 + 4 * N * Kp / group_size
-    if gemv_rows is not None:
-        return linear_weight_only_triton(site, spec, 4, weight_bytes, gemv_rows)
+    if triton_rows is not None:
+        return linear_weight_only_triton(site, spec, 4, weight_bytes, *triton_rows)
     cost = roofline(2 * M * N * Kp, weight_bytes + 2 * (M * Kp + M * N), spec, torch.bfloat16, "int4pack")
     if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
         cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)

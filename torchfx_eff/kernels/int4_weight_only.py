@@ -89,7 +89,7 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
     aten_cost = functools.partial(formulas.linear_int4_weight_only, group_size=group_size)
 
     def triton_cost(site, spec):
-        return wt.triton_cost(formulas.linear_int4_weight_only(site, spec, group_size, wt.GEMV_MAX_ROWS), spec)
+        return wt.triton_cost(formulas.linear_int4_weight_only(site, spec, group_size, (wt.GEMV_MAX_ROWS, wt.DEQUANTIZE_MIN_ROWS)), spec)
 
     def on_triton(site) -> bool:
         return wt.uses_triton(site, _aten_refusal(site), aten_cost, triton_cost)

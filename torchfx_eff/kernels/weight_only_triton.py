@@ -1,7 +1,9 @@
 """Triton matmuls over weight-only quantized linears, shared by `int4_weight_only` and `int8_weight_only`: x in its
 own dtype times weights decoded in registers, fp32 accumulation. Up to GEMV_MAX_ROWS rows: a GEMV, one program per
 (row, block of output channels), products summed in registers. More rows: a GEMM that decodes the weight tile to
-x's dtype for tl.dot.
+x's dtype for tl.dot. From DEQUANTIZE_MIN_ROWS rows on, the weights are decoded once into x's dtype and cuBLAS
+multiplies: the decode pass costs ~3 bytes a weight, while the tl.dot GEMM, decoding every tile for every row
+block on CUDA cores, reaches only 0.2-0.5x of cuBLAS there.
 
 K is cut into chunks of 2 * HALF values whose weights come as two halves that meet two contiguous halves of x:
 - int8: [N, K] int8 with one scale per channel; a chunk is 2 * HALF bytes of a channel, its first and second
@@ -14,6 +16,7 @@ flight (a decode GEMV is latency-bound otherwise), the GEMM so that each tl.dot 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -24,9 +27,9 @@ INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors thro
 INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its GPU roofline
 # The GEMV decodes the weights again for each row: on the H100 it beats the GEMM at 1 and 2 rows, not at 4.
 GEMV_MAX_ROWS = 2
+DEQUANTIZE_MIN_ROWS = 64  # H100: the tl.dot GEMM is ~0.8x cuBLAS at 16 rows, 0.2-0.5x at 128
 GROUP_SIZES = (32, 64, 128)  # int4 groups: chunks of 16..64 bytes a channel
 INT8_HALF = 64  # int8 chunks of 128 bytes a channel
-GEMV_STEP_BYTES = 256  # weight bytes of one channel in one GEMV step
 GEMM_DOT_K = 64  # K values of each tl.dot in the GEMM
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -80,9 +83,11 @@ def _store(acc, S, B, Out, offs_m, offs_n, M, N, stride_om, BITS: tl.constexpr, 
 
 @triton.jit
 def _gemv(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om,
-          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row m (program axis 0, the fastest: the rows of one channel block run together and share its weights in L2)
-    times BLOCK_N channels. Products accumulate element by element and are summed over K once, at the end."""
+    times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and are
+    summed over K once, at the end."""
+    CHUNKS: tl.constexpr = STEP_BYTES // (HALF * BITS // 4)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h = offs_n[:, None, None], tl.arange(0, HALF)[None, None, :]
@@ -123,13 +128,42 @@ def _gemm(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_s
     _store(acc, S, B, Out, offs_m, offs_n, M, N, stride_om, BITS, HAS_BIAS)
 
 
+@triton.jit
+def _dequantize(W, S, Z, Out, N, K, stride_wn, stride_sn, stride_on,
+                BITS: tl.constexpr, HALF: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The weights of BLOCK_N channels times CHUNKS chunks, decoded (and scaled) into Out [N, K] in its dtype."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]
+    chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
+    h = tl.arange(0, HALF)[None, None, :]
+    wa, wb = _weight_halves(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, HALF)
+    if BITS == 8:
+        s = tl.load(S + n * stride_sn, mask=n < N, other=0.0).to(tl.float32)
+        wa, wb = wa * s, wb * s
+    k = chunk * 2 * HALF + h
+    ptrs = Out + n * stride_on + k
+    tl.store(ptrs, wa.to(Out.dtype.element_ty), mask=(n < N) & (k < K))
+    tl.store(ptrs + HALF, wb.to(Out.dtype.element_ty), mask=(n < N) & (k + HALF < K))
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
+               K: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weights in `dtype`, decoded in one pass (weight_only_matmul's layouts)."""
+    N, half = weight.shape[0], group_size // 2 if bits == 4 else INT8_HALF
+    out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    block_n, chunks = (64, 1) if INTERPRETING else (16, max(1, 128 // half))  # ~256 values of a channel a program
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, 2 * half * chunks))
+    _dequantize[grid](weight, scales, scales if zeros is None else zeros, out, N, K, weight.stride(0),
+                      scales.stride(0), out.stride(0), BITS=bits, HALF=half, CHUNKS=chunks, BLOCK_N=block_n)
+    return out
+
+
 def _prune_gemv(configs, named_args, **kwargs):
-    """Accumulators of at most 64 fp32 registers a thread, blocks no wider than N, and at most 65535 of them (the
-    grid's second axis)."""
-    N = named_args["N"]
-    regs = lambda c: c.kwargs["BLOCK_N"] * kwargs["CHUNKS"] * kwargs["HALF"] / (32 * c.num_warps)
-    keep = [c for c in configs if regs(c) <= 64 and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N))
-            and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
+    """Accumulators of 1 to 64 fp32 registers a thread (fewer elements than threads would replicate work), blocks
+    no wider than N, and at most 65535 of them (the grid's second axis)."""
+    N, half = named_args["N"], kwargs["HALF"]
+    regs = lambda c: c.kwargs["BLOCK_N"] * c.kwargs["STEP_BYTES"] * 4 // kwargs["BITS"] / (32 * c.num_warps)
+    keep = [c for c in configs if 1 <= regs(c) <= 64 and c.kwargs["STEP_BYTES"] >= half * kwargs["BITS"] // 4
+            and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
     return keep or configs[-1:]
 
 
@@ -143,9 +177,13 @@ def _tuned(kernel, configs, key, prune):
 
 
 _KEY = ["N", "K", "BITS", "HALF", "HAS_BIAS"]
-# GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB)
-_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n}, num_warps=w)
-                             for n, w in [(4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4), (64, 8)]], _KEY, _prune_gemv)
+# GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
+# 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
+# of 512-1024 bytes a step, int4 4 channels of 256 bytes.
+_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
+                             for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
+                                             (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
+                     _KEY, _prune_gemv)
 _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                              for m, n, w, s in [(16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
                                                 (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
@@ -156,7 +194,8 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                        bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) in x's dtype. bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4:
     weight [N, Kp / 2] uint8 in int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale
-    + zero in each group. The GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above."""
+    + zero in each group. The GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded
+    weights from DEQUANTIZE_MIN_ROWS rows."""
     if bits not in (4, 8):
         raise ValueError(f"weight_only_matmul: bits={bits!r} is not allowed; choose 4 or 8")
     if bits == 4 and group_size not in GROUP_SIZES:
@@ -164,6 +203,8 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    if M >= DEQUANTIZE_MIN_ROWS:
+        return F.linear(x, dequantize(weight, scales, zeros, bits, group_size, K, x.dtype), bias)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M and N:
         half = group_size // 2 if bits == 4 else INT8_HALF
@@ -171,10 +212,8 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                 *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0))
         flags = {"BITS": bits, "HALF": half, "HAS_BIAS": bias is not None}
         if M <= GEMV_MAX_ROWS:
-            chunk_bytes = half * bits // 4
-            block = {"BLOCK_N": 64} if INTERPRETING else {}
-            _gemv_tuned[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](
-                *args, **flags, CHUNKS=max(1, GEMV_STEP_BYTES // chunk_bytes), **block)
+            block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
+            _gemv_tuned[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags, **block)
         else:
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
