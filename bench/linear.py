@@ -143,10 +143,12 @@ def _decode_tok_per_s(forward, model, prompt: int, new_tokens: int) -> tuple[flo
 
 
 def decode_rows(prompt=512, new_tokens=256, modes=("int4_weight_only", "int8_weight_only")) -> list[dict]:
+    # dynamic=False: prefill and decode each get a static graph. With automatic dynamic shapes, torch 2.11's
+    # max-autotune crashes autotuning the decode graph under CUDA graphs (a size passed where a pointer goes).
     model = _llama_1b()
-    make = {"max-autotune": lambda: torch.compile(model, mode="max-autotune")}
+    make = {"max-autotune": lambda: torch.compile(model, mode="max-autotune", dynamic=False)}
     for mode in modes:
-        make[mode] = lambda mode=mode: torch.compile(model, backend=torchfx_eff.backend(
+        make[mode] = lambda mode=mode: torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
             torchfx_eff.Config(linear=(mode,), inner="max-autotune")))
     rows, tokens = [], {}
     for name, build in make.items():
@@ -156,6 +158,7 @@ def decode_rows(prompt=512, new_tokens=256, modes=("int4_weight_only", "int8_wei
         start = time.perf_counter()
         _decode_tok_per_s(forward, model, prompt, 4)
         compile_s = time.perf_counter() - start
+        print(f"{name}: compiled in {compile_s:.0f} s", flush=True)
         tok_s, tokens[name] = max((_decode_tok_per_s(forward, model, prompt, new_tokens) for _ in range(2)),
                                   key=lambda r: r[0])
         row = {"name": f"decode 1.1B {name}", "value": tok_s, "unit": "tok/s", "compile_s": compile_s}
