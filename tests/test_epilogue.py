@@ -1,16 +1,19 @@
 """Fused linear epilogues: the generated Triton source (codegen/), every epilogue kind fused into the weight-only and
 scaled_mm kernels against the unfused PyTorch graph (interpreter: fp32 and fp16), the matcher's patterns and misses,
 the gate's fallback, the cost credit, and the backend end to end on a tiny Llama with the Triton path forced."""
+import dataclasses
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+import sympy
 import torch
 import torch.nn.functional as F
 from helpers import (
     SMALL,
+    LinearStack,
     compiled,
     first_output,
     found_sites,
@@ -24,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import torchfx_eff
 from torchfx_eff import codegen
 from torchfx_eff.cost import devices, formulas
-from torchfx_eff.kernels import weight_only_triton
+from torchfx_eff.kernels import registry, weight_only_triton
 from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
 from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 from torchfx_eff.kernels.quant_gemm import quantize_rows, scaled_mm
@@ -187,7 +190,7 @@ def _epilogues(found):
 
 @pytest.mark.parametrize("name", FUSED)
 def test_patterns(name):
-    """Matched on any path (here ATen's: the epilogue stays as graph ops, and the record says so)."""
+    """Matched on any path (here on CPU, where no candidate fuses it)."""
     body, spec, labels, dtype = FUSED[name]
     model, x, r = Net(body).eval(), torch.randn(2, 3, 32), torch.randn(2, 3, 48)
     with torch.no_grad(), found_sites("linear") as found:
@@ -198,6 +201,18 @@ def test_patterns(name):
     assert not sites("epilogue")
     for s in sites("linear", "rewritten"):
         assert not s.epilogue and (s.hints["N"] == 48 or "stays as graph ops" in s.reason), s.reason
+
+
+def test_a_candidate_that_cannot_fuse_keeps_the_epilogue_as_graph_ops():
+    """int8_weight_only on ATen's CPU kernel (bf16, decode-sized: rewritten there)."""
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, out = model(x), compiled(model)(x)
+    up = next(s for s in sites("linear") if s.hints["N"] == 512)
+    assert (up.status, up.chosen, up.epilogue) == ("rewritten", "int8_weight_only", "")
+    assert "its epilogue (gelu) stays as graph ops: int8_weight_only does not fuse it here" in up.reason
+    assert sqnr_ref(ref, out) > 30
 
 
 def _silu_used_twice(m, x, r):
@@ -285,6 +300,34 @@ def test_backend_fuses_on_the_triton_path_like_the_unfused_graph(name, name_int,
     assert (site.status, site.chosen, site.epilogue) == ("rewritten", name_int, ", ".join(labels))
     assert f"{name_int}[{site.epilogue}]" in str(report)
     assert spec in specs[-len(linear):]  # the model's run called the fused kernel
+
+
+def test_symbolic_rows_fuse_and_rerun_at_other_sizes(triton_path):
+    model = Net(lambda m, x, r: F.silu(m.a(x)) * m.b(x) + r).eval()
+    cm = torch.compile(model, dynamic=True, backend=torchfx_eff.backend(torchfx_eff.Config(
+        inner="eager", linear=("int8_weight_only",))))
+    for rows in (3, 5):
+        x, r = torch.randn(rows, 32), torch.randn(rows, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x, r), model(x, r), rtol=0.05, atol=0.05)  # int8 weights
+    [site] = [s for s in sites("linear") if s.epilogue]  # one graph, its rows symbolic
+    assert site.epilogue == "swiglu(silu)" and not site.dims["M"].isdigit()
+
+
+def test_a_row_dispatch_fuses_only_if_both_regimes_choices_do(triton_path, monkeypatch):
+    """int8 (Triton, fusing) for decode, the original for prefill: one dispatch computes one value, so unfused."""
+    impl = registry._REGISTRY["linear"]["int8_weight_only"]
+    decode_only = lambda site, spec: sympy.Piecewise((1e-9, site.dims["M"] <= 16), (1.0, True))
+    monkeypatch.setitem(registry._REGISTRY["linear"], "int8_weight_only", dataclasses.replace(impl, cost=decode_only))
+    model = Net(FUSED["gelu"][0]).eval()
+    cm = compiled(model)
+    with torch.no_grad():
+        for rows in (1, 2, 40):  # the second size makes Dynamo recompile with symbolic rows
+            x, r = torch.randn(rows, 32), torch.randn(rows, 48)
+            torch.testing.assert_close(cm(x, r), model(x, r), rtol=0.05, atol=0.05)
+    site = sites("linear")[-1]
+    assert [r["chosen"] for r in site.regimes.values()] == ["int8_weight_only", "original"] and not site.epilogue
+    assert "its epilogue (gelu) stays as graph ops: original does not fuse it here" in site.reason
 
 
 def test_fused_replacement_that_fails_the_gate_falls_back_to_the_unfused_one(triton_path, monkeypatch):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .. import codegen
-from .graph import GraphInfo, bind, fake, location
+from .graph import GraphInfo, bind, fake, location, sym
 from .linear import SPELLINGS
 from .sites import Epilogue, LinearSite, Miss, Site
 
@@ -86,7 +86,7 @@ def halves(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     n = whole.shape[-1]
     two = sizes == 2 if calls(node, (torch.chunk, "chunk")) else sizes in (n // 2, [n // 2] * 2, (n // 2,) * 2)
     items = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-    if not two or n % 2 or len(node.users) != 2 or set(items) != {0, 1}:
+    if not isinstance(n, int) or n % 2 or not two or len(node.users) != 2 or set(items) != {0, 1}:
         return None
     return items[0], items[1]
 
@@ -115,8 +115,9 @@ def output_shaped(operand, value: fx.Node) -> str | None:
     """The operand is another tensor of exactly the value's shape (no broadcast: the kernel reads it tile by tile)."""
     if not isinstance(operand, fx.Node) or operand is value or fake(operand) is None:
         return f"its operand {operand} is not another tensor"
-    if fake(operand).shape != fake(value).shape or fake(operand).device != fake(value).device:
-        return f"its operand's shape {tuple(fake(operand).shape)} is not the output's {tuple(fake(value).shape)}"
+    shape, out = fake(operand).shape, fake(value).shape
+    if list(map(sym, shape)) != list(map(sym, out)) or fake(operand).device != fake(value).device:  # no guards
+        return f"its operand's shape {tuple(shape)} is not the output's {tuple(out)}"
     return None
 
 
