@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     SMALL,
+    WEIGHT_ONLY_PATHS,
     LinearStack,
     compiled,
     first_output,
+    force_weight_only_path,
     found_sites,
     make_model,
     sites,
@@ -58,12 +60,13 @@ def _paired(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64)])
+@pytest.mark.parametrize("kernel,M", WEIGHT_ONLY_PATHS)
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_weight_only_kernels_fuse_each_epilogue_like_the_unfused_graph(bits, spec, kernel, M, dtype, monkeypatch):
-    """N = 130 (65 after pairing) and K = 100 leave edge tiles in every direction."""
-    monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", 1 << 30 if kernel == "gemv" else 0)
+    """N = 130 (65 after pairing) and K = 100 leave edge tiles in every direction. The dequantize path (cuBLAS on
+    the decoded weights) applies the epilogue in a pass of its own."""
+    force_weight_only_path(monkeypatch, kernel)
     N, K = 130, 100
     (w, s, z), (b, g) = _weights(bits, N, K)
     x, bias = torch.randn(M, K).to(dtype), torch.randn(N).to(dtype)
@@ -302,11 +305,23 @@ def test_backend_fuses_on_the_triton_path_like_the_unfused_graph(name, name_int,
     assert spec in specs[-len(linear):]  # the model's run called the fused kernel
 
 
+def test_weight_only_fuses_below_the_rows_where_cublas_takes_over(triton_path):
+    """From DEQUANTIZE_MIN_ROWS rows cuBLAS multiplies the decoded weights: there a site keeps its epilogue as graph
+    ops, which Inductor fuses into one pass."""
+    model = Net(FUSED["gelu"][0]).eval()
+    with torch.no_grad():
+        compiled(model)(torch.randn(weight_only_triton.DEQUANTIZE_MIN_ROWS, 32), torch.randn(1, 48))
+    [site] = sites("linear")
+    assert (site.status, site.chosen, site.epilogue) == ("rewritten", "int8_weight_only", "")
+    assert "its epilogue (gelu) stays as graph ops: int8_weight_only does not fuse it here" in site.reason
+
+
 def test_symbolic_rows_fuse_and_rerun_at_other_sizes(triton_path):
+    """Fused for rows that may take the Triton kernels; past DEQUANTIZE_MIN_ROWS a pass of its own applies it."""
     model = Net(lambda m, x, r: F.silu(m.a(x)) * m.b(x) + r).eval()
     cm = torch.compile(model, dynamic=True, backend=torchfx_eff.backend(torchfx_eff.Config(
         inner="eager", linear=("int8_weight_only",))))
-    for rows in (3, 5):
+    for rows in (3, 5, 70):
         x, r = torch.randn(rows, 32), torch.randn(rows, 48)
         with torch.no_grad():
             torch.testing.assert_close(cm(x, r), model(x, r), rtol=0.05, atol=0.05)  # int8 weights
@@ -403,7 +418,7 @@ from triton.compiler import ASTSource
 from torchfx_eff import codegen
 from torchfx_eff.kernels import quant_gemm, weight_only_triton as wt
 
-def compile(fn, types, constexprs):
+def to_cubin(fn, types, constexprs):
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["cubin"]
@@ -412,11 +427,14 @@ ints = dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_name
                                                   if n.startswith("stride")], "i32")
 pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16"}
 flags = {"BITS": 8, "HALF": 64, "HAS_BIAS": True}
-compile(wt._gemv, {**ints, **pointers}, {**flags, "CHUNKS": 2, "BLOCK_N": 16, "EPILOGUE": codegen.epilogue("glu_silu,add")})
-compile(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
-                                          "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
+to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "STEP_BYTES": 256, "BLOCK_N": 16,
+                                           "EPILOGUE": codegen.epilogue("glu_silu,add")})
+to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
+                                           "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
+to_cubin(wt._epilogue_pass, {**ints, "Y": "*bf16", "Out": "*bf16", "E": "*fp32", "stride_ym": "i32"},
+         {"EPILOGUE": codegen.epilogue("glu_gelu,add"), "BLOCK_M": 32, "BLOCK_N": 64})
 pointers = {"A": "*i8", "B": "*i8", "SA": "*fp32", "SB": "*fp32", "Bias": "*bf16", "Out": "*fp32", "E": "*bf16"}
-compile(quant_gemm._scaled_mm, {**ints, **pointers}, {"HAS_BIAS": True, "EVEN_K": True, "ACC": triton.language.int32,
+to_cubin(quant_gemm._scaled_mm, {**ints, **pointers}, {"HAS_BIAS": True, "EVEN_K": True, "ACC": triton.language.int32,
         "EPILOGUE": codegen.epilogue("relu,add"), "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8})
 print("compiled")
 """

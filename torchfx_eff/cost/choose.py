@@ -34,7 +34,7 @@ def candidates(site, spec: DeviceSpec, config: Config, hints: dict | None = None
         try:
             expr = impl.cost(site, spec)
             if getattr(site, "epilogue", None) is not None:  # fused into the kernel, or a pass of its own
-                expr += epilogue(site, spec, impl.fuses_epilogue(site))
+                expr += epilogue(site, spec, impl.epilogue_fused_when(site))
             estimate, formula = evaluate(expr, hints) * 1e6, str(expr)
         except Exception as e:  # a formula that cannot be evaluated here still leaves the candidate listed
             estimate, formula = None, f"cost failed: {type(e).__name__}: {e}"

@@ -115,7 +115,7 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
                            sources={site.weight_name: site.weight})
 
     return Implementation(name, "linear", lambda site, spec: wt.applicable(site, _aten_refusal(site)), cost, replace,
-                          accuracy=accuracy, fuses=on_triton)
+                          accuracy=accuracy, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site))
 
 
 # Group 64 passes the balanced per-site gate (~21 dB) yet costs SmolLM2 +32% perplexity (bench cpu_quality):

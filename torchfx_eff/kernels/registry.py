@@ -36,11 +36,17 @@ class Implementation:
     cost: Callable[[Any, Any], sympy.Expr]  # (site, device spec) -> seconds
     replace: Callable[[Any], Replacement] | None  # None: the original computation, left as is
     accuracy: str = "lossless"  # the strictest Config.accuracy under which it may be chosen
-    # (site) -> whether its kernel applies the site's epilogue (replace() then computes the epilogue's value)
-    fuses: Callable[[Any], bool] | None = None
+    # (site) -> where its kernel applies the site's epilogue (replace() then computes the epilogue's value): True,
+    # False, or a sympy condition over the site's sizes (e.g. M < 64: above, a pass of its own applies it)
+    fuses: Callable[[Any], Any] | None = None
+
+    def epilogue_fused_when(self, site) -> sympy.Basic:
+        fused = getattr(site, "epilogue", None) is not None and self.fuses is not None and self.fuses(site)
+        return sympy.sympify(fused)
 
     def fuses_epilogue(self, site) -> bool:
-        return getattr(site, "epilogue", None) is not None and self.fuses is not None and self.fuses(site)
+        """Whether to ask replace() for the epilogue: its kernel applies it at some size."""
+        return self.epilogue_fused_when(site) != sympy.false
 
     def __post_init__(self):
         if self.accuracy not in ACCURACY:

@@ -274,6 +274,12 @@ def triton_cost(roofline_cost, spec):
     return cost if spec.type == "cuda" else cost * INTERPRETER_SLOWDOWN
 
 
+def epilogue_rows(site):
+    """Where the Triton path applies an epilogue in its kernels' store: below DEQUANTIZE_MIN_ROWS (from there cuBLAS
+    multiplies and a pass of its own applies it)."""
+    return site.dims["M"] < DEQUANTIZE_MIN_ROWS
+
+
 def uses_triton(site, aten_refusal: str | None, aten_cost, interpreted_cost) -> bool:
     """The path a site takes: Triton on cuda; on cpu ATen's kernel, unless only the interpreter takes the site or
     it is estimated faster there (which tests arrange by shrinking INTERPRETER_SLOWDOWN). Costed with the spec of
