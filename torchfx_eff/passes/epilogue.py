@@ -25,8 +25,8 @@ from .graph import GraphInfo, bind, fake, location, sym
 from .linear import SPELLINGS
 from .sites import Epilogue, LinearSite, Miss, Site
 
-ACTIVATIONS = {F.silu: "silu", F.relu: "relu", torch.relu: "relu", "relu": "relu", F.gelu: "gelu",
-               torch._C._nn.gelu: "gelu"}
+ACTIVATION_TARGETS = {F.silu: "silu", F.relu: "relu", torch.relu: "relu", "relu": "relu", F.gelu: "gelu",
+                      torch._C._nn.gelu: "gelu"}
 ADD, MUL = (operator.add, torch.add, "add"), (operator.mul, torch.mul, "mul")
 CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "to": None, "type": None}
 HALVES = (torch.split, torch.chunk, "split", "chunk")
@@ -55,9 +55,9 @@ def arg(node: fx.Node, index: int, name: str, default=None):
 
 def activation(node: fx.Node) -> str | None:
     """'silu', 'relu', 'gelu' or 'gelu_tanh' for a call of that activation."""
-    if not calls(node, ACTIVATIONS):
+    if not calls(node, ACTIVATION_TARGETS):
         return None
-    name = ACTIVATIONS[node.target]
+    name = ACTIVATION_TARGETS[node.target]
     return "gelu_tanh" if name == "gelu" and arg(node, 1, "approximate", "none") == "tanh" else name
 
 
