@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -161,3 +162,20 @@ def force_weight_only_path(monkeypatch, path: str) -> None:
     gemv_max, dequantize_min = {"gemv": (1 << 30, 1 << 30), "gemm": (0, 1 << 30), "dequantize": (0, 0)}[path]
     monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", gemv_max)
     monkeypatch.setattr(weight_only_triton, "DEQUANTIZE_MIN_ROWS", dequantize_min)
+
+
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+def unfused_epilogue(spec: str, y: torch.Tensor, operand=None) -> torch.Tensor:
+    """A fused epilogue's spec (torchfx_eff.codegen) as the graph computes it without fusion: PyTorch ops on the plain
+    linear's output y (for glu_*, y's first half is gate and its second up)."""
+    for step in spec.split(",") if spec else []:
+        if step.startswith("glu_"):
+            gate, up = y.chunk(2, dim=-1)
+            y = ACTIVATIONS[step.removeprefix("glu_")](gate) * up
+        elif step in ("add", "mul"):
+            y = y + operand if step == "add" else y * operand
+        else:
+            y = ACTIVATIONS[step](y)
+    return y

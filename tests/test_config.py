@@ -48,7 +48,7 @@ def test_bad_family_value(field, bad):
         assert word in msg
 
 
-@pytest.mark.parametrize("field", ["calibrate", "strict"])
+@pytest.mark.parametrize("field", ["calibrate", "strict", "fuse_epilogues"])
 @pytest.mark.parametrize("bad", [1, 0, "true", None])
 def test_booleans_must_be_bool(field, bad):
     with pytest.raises(ValueError) as e:

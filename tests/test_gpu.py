@@ -388,23 +388,92 @@ def test_quantized_linears_rewritten_under_inductor_for_decode_and_prefill(name,
         assert sqnr_ref(ref.float().cpu(), out.float().cpu()) > STACK_SQNR_DB[name]
 
 
+def _llama_logits_with_and_without(flag: str, lengths=(1, 64), **config) -> dict[bool, list[torch.Tensor]]:
+    """Logits of the bf16 Llama at each of `lengths` tokens (a static graph each), compiled under Inductor with
+    Config(flag=False) and Config(flag=True); the report holds the second compile's records."""
+    model = make_model("llama", GPU_SIZES, torch.bfloat16).cuda()
+    inputs = [torch.randint(0, 128, (1, n), device="cuda") for n in lengths]
+    outs = {}
+    for on in (False, True):
+        torch._dynamo.reset()
+        torchfx_eff.reset()
+        cm = torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
+            torchfx_eff.Config(inner="inductor", **config, **{flag: on})))
+        with torch.no_grad():
+            outs[on] = [cm(ids).logits.float().cpu() for ids in inputs]
+    return outs
+
+
 def test_sibling_fusion_on_cuda_under_inductor_matches_the_unfused_compile():
     """Fused q/k/v and gate/up on CUDA, Inductor inner compile: rounding-level agreement with the unfused graph
     (lossless: the linears stay cuBLAS GEMMs, only N differs), for a decode and a prefill shape."""
     from helpers import fused_away
 
-    model = make_model("llama", GPU_SIZES, torch.bfloat16).cuda()
-    inputs = [torch.randint(0, 128, (1, n), device="cuda") for n in (1, 64)]
-    outs = {}
-    for fuse in (False, True):
-        torch._dynamo.reset()
-        torchfx_eff.reset()
-        cm = torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
-            torchfx_eff.Config(inner="inductor", accuracy="lossless", fuse_siblings=fuse)))
-        with torch.no_grad():
-            outs[fuse] = [cm(ids).logits.float().cpu() for ids in inputs]
+    outs = _llama_logits_with_and_without("fuse_siblings", accuracy="lossless")
     assert sites("graph") == [], torchfx_eff.last_report()
-    assert len(sites("siblings", "rewritten")) == 2 * GPU_SIZES["layers"] * len(inputs)
-    assert fused_away() == 3 * GPU_SIZES["layers"] * len(inputs)  # q/k/v -> 1 and gate/up -> 1 in every layer
+    assert len(sites("siblings", "rewritten")) == 2 * GPU_SIZES["layers"] * 2
+    assert fused_away() == 3 * GPU_SIZES["layers"] * 2  # q/k/v -> 1 and gate/up -> 1 in every layer, both shapes
     for fused, unfused in zip(outs[True], outs[False]):
         assert sqnr_ref(unfused, fused) >= 35.0
+
+
+# Fused linear epilogues (passes/epilogue.py, codegen/): the Triton kernels compiled for the GPU in bf16, each epilogue
+# fused against the unfused graph (the plain kernel's bf16 output through PyTorch ops).
+@pytest.mark.parametrize("spec", ["silu", "gelu_tanh,add", "silu,mul", "glu_silu", "glu_gelu,add"])
+@pytest.mark.parametrize("M", [1, 17, 300])
+@pytest.mark.parametrize("kernel", ["int8", "int4", "scaled_mm"])
+def test_fused_epilogues_on_gpu_match_the_unfused_graph(kernel, M, spec):
+    from helpers import unfused_epilogue
+
+    from torchfx_eff import codegen
+    from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
+    from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+    from torchfx_eff.kernels.quant_gemm import quantize_rows, scaled_mm
+    from torchfx_eff.kernels.weight_only_triton import weight_only_matmul
+
+    N, K = 1000, 2000  # multiples of no block
+    w = torch.randn(N, K, device="cuda")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    operand = torch.randn(M, codegen.out_features(spec, N), device="cuda", dtype=torch.bfloat16) \
+        if codegen.reads_operand(spec) else None
+    if kernel == "scaled_mm":
+        xq, xs = quantize_rows(x, torch.int8)
+        packed = quantize_rows(w, torch.int8)
+        run = lambda q, s, b, *epilogue: scaled_mm(xq, q, xs, s, b, torch.bfloat16, None, *epilogue)
+    elif kernel == "int8":
+        packed = quantize_per_channel(w)
+        run = lambda q, s, b, *epilogue: weight_only_matmul(x, q, s, None, b, 8, 0, *epilogue)
+    else:
+        codes, scales, zeros = quantize_int4(w, 64)
+        packed = (pack_int4(codes, 64), scales, zeros)
+        run = lambda q, s, z, b, *epilogue: weight_only_matmul(x, q, s, z, b, 4, 64, *epilogue)
+    reference = unfused_epilogue(spec, run(*packed, bias), operand)
+    if spec.startswith("glu_"):  # as a sibling-fused gate/up is packed: gate and up channels interleaved
+        packed, bias = [codegen.pair_channels(t) for t in packed], codegen.pair_channels(bias)
+    out = run(*packed, bias, spec, operand)
+    assert out.shape == reference.shape and out.dtype == torch.bfloat16
+    # the unfused graph rounds the linear's output and each op's to bf16; the fused kernel only its result
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2.0 ** -6, atol=2.0 ** -6 * reference.abs().max().item())
+
+
+def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(monkeypatch):
+    """int8 weight-only on every linear (its cost divided to drive every size to it), with and without fused
+    epilogues, siblings fused (gate/up pairs in one tile): residual adds and SwiGLU fused in the GEMV (1 token) and
+    the GEMM (16), not from DEQUANTIZE_MIN_ROWS (64: cuBLAS); outputs within bf16 rounding of the unfused compile."""
+    import dataclasses
+
+    from torchfx_eff.kernels import registry
+
+    impl = registry._REGISTRY["linear"]["int8_weight_only"]
+    monkeypatch.setitem(registry._REGISTRY["linear"], "int8_weight_only",
+                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+    outs = _llama_logits_with_and_without("fuse_epilogues", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
+    assert sites("graph") == [], torchfx_eff.last_report()
+    linear = matched("linear")
+    assert all((s.status, s.chosen) == ("rewritten", "int8_weight_only") for s in linear), torchfx_eff.last_report()
+    epilogues = [s.epilogue for s in linear if s.epilogue]
+    assert epilogues.count("swiglu(silu) of the fused gate/up") == GPU_SIZES["layers"] * 2  # 1 and 16 tokens
+    assert epilogues.count("+residual") == 2 * GPU_SIZES["layers"] * 2
+    for fused, unfused in zip(outs[True], outs[False]):
+        assert sqnr_ref(unfused, fused) >= 30.0

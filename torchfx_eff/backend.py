@@ -41,6 +41,20 @@ def _record(graph_id, site, status, reason="", cands=(), **kw) -> SiteRecord:
     )
 
 
+def _missed(graph_id, miss: passes.Miss) -> SiteRecord:
+    return SiteRecord(graph_id, miss.kind, "missed", miss.op, miss.location, reason=miss.reason)
+
+
+def _epilogue(site):
+    """The site's epilogue (only linear sites have one)."""
+    return getattr(site, "epilogue", None)
+
+
+def _unfused(site):
+    """The site without its epilogue: what replace() computes for a candidate that does not apply it."""
+    return dataclasses.replace(site, epilogue=None) if _epilogue(site) else site
+
+
 def _device_of(example_inputs) -> torch.device:
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     return next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
@@ -109,11 +123,14 @@ class Backend:
         records, sites = fused, []
         for s in found:
             if isinstance(s, passes.Miss):
-                records.append(SiteRecord(graph_id, s.kind, "missed", s.op, s.location, reason=s.reason))
+                records.append(_missed(graph_id, s))
             elif config.family(s.kind) == "off":
                 records.append(_record(graph_id, s, "kept", f"Config.{s.kind}='off'"))
             else:
                 sites.append(s)
+        if config.fuse_epilogues:
+            with stage("epilogues"):
+                records += [_missed(graph_id, m) for m in passes.match_epilogues(sites, info)]
         with stage("cost"):
             spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
             if config.inner != "eager" and _inductor_options(config).get("triton.cudagraphs",
@@ -126,7 +143,9 @@ class Backend:
             contested = lambda s, c: any(len(cost.ranked(x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
             todo = [(s, c) for s, c in plans if not blocker and (contested(s, c) or config.calibrate)]
         with stage("capture"):
-            values = gate.capture(work, example_inputs, {s.node: s.chain for s, _ in todo}) if todo else {}
+            chains = {s.node: s.chain for s, _ in todo}
+            chains.update({s.epilogue.out: s.chain + s.epilogue.nodes for s, _ in todo if _epilogue(s)})
+            values = gate.capture(work, example_inputs, chains) if todo else {}
             for s, _ in todo:  # e.g. activation statistics for rewrites that smooth them (w8a8_smooth)
                 s.inputs = values[s.node]
         if config.calibrate and todo:
@@ -159,19 +178,21 @@ class Backend:
                 if not rec.applicable:
                     continue
                 key = cost.site_key(spec.name, impl.name, s)
-                if calibration.get(key) is None:
-                    rep = impl.replace(s) if impl.replace else kernels.Replacement(s.node.target, s.node.args, s.node.kwargs)
+                if calibration.get(key) is None:  # the linear alone, fused epilogue or not (nor credit, nor pass)
+                    rep = impl.replace(_unfused(s)) if impl.replace else kernels.Replacement(s.node.target, s.node.args, s.node.kwargs)
                     calibration.put(key, cost.seconds(lambda: gate.run_replacement(rep, values[s.node]), s.device))
                 rec.measured_us = calibration.get(key) * 1e6
         calibration.save()
 
-    def _check(self, site, impl, values) -> tuple[kernels.Replacement | None, float | None, str | None]:
-        """impl's replacement for the site, its SQNR and why it failed the gate (None if it passed)."""
+    def _check(self, site, impl, values, fused: bool) -> tuple[kernels.Replacement | None, float | None, str | None]:
+        """impl's replacement for the site (computing its epilogue too when fused), its SQNR and why it failed the
+        gate (None if it passed). A fused replacement is checked against the original epilogue's value."""
+        out = site.epilogue.out if fused else site.node
         try:
             with stage(f"replace:{impl.name}"):
-                rep = impl.replace(site)
+                rep = impl.replace(site if fused else _unfused(site))
             with stage(f"gate:{impl.name}"):
-                db, why = gate.check(rep, values[site.node][site.node], values[site.node], self.config.accuracy)
+                db, why = gate.check(rep, values[out][out], values[out], self.config.accuracy)
         except StageError as e:
             if self.config.strict:
                 raise
@@ -183,41 +204,53 @@ class Backend:
         return rep, db, why
 
     def _gate_and_rewrite(self, graph_id, site, cands, values, rewriter: Rewriter, regimes=None) -> SiteRecord:
-        """Try the ranked candidates in order; the first that passes the gate replaces the site. With shape
-        regimes (symbolic rows), each regime gets its first passing candidate, and when they differ the site
-        becomes a run-time dispatch on the row count."""
-        checked = {}  # candidate name -> _check's result; a candidate is gated once for all regimes
+        """Try the ranked candidates in order; the first that passes the gate replaces the site. A candidate that
+        fuses the site's epilogue is tried with it, then without. With shape regimes (symbolic rows), each regime
+        gets its first passing candidate, and when they differ the site becomes a run-time dispatch on the row
+        count (fused only if every regime's choice fuses: both branches compute one value)."""
+        checked = {}  # (candidate name, fused) -> _check's result; gated once for all regimes
 
-        def first_passing(ranked):
+        def first_passing(ranked, fuse: bool):
             for impl, _ in ranked:
                 if impl.replace is None:
-                    return impl, None
-                if impl.name not in checked:
-                    checked[impl.name] = self._check(site, impl, values)
-                rep, _, why = checked[impl.name]
-                if why is None:
-                    return impl, rep
+                    return impl, None, False
+                for fused in (True, False) if fuse and impl.fuses_epilogue(site) else (False,):
+                    if (impl.name, fused) not in checked:
+                        checked[impl.name, fused] = self._check(site, impl, values, fused)
+                    rep, _, why = checked[impl.name, fused]
+                    if why is None:
+                        return impl, rep, fused
             raise AssertionError("ranked candidates end with the original")
 
-        winners = {label: first_passing(cost.ranked(c)) for label, c in (regimes or {"": cands}).items()}
-        failures = [f"{name} failed the gate: {why}" for name, (_, _, why) in checked.items() if why is not None]
+        by_label = {label: cost.ranked(c) for label, c in (regimes or {"": cands}).items()}
+        winners = {label: first_passing(ranked, True) for label, ranked in by_label.items()}
+        if len({fused for _, _, fused in winners.values()}) > 1:
+            winners = {label: first_passing(ranked, False) for label, ranked in by_label.items()}
+        fused = next(iter(winners.values()))[2]
+        failures = [f"{name}{' with its epilogue' * f} failed the gate: {why}"
+                    for (name, f), (_, _, why) in checked.items() if why is not None]
         by_regime = {label: {"chosen": impl.name, "estimates_us": {r.name: r.time_us for _, r in regimes[label]}}
-                     for label, (impl, _) in winners.items()} if regimes else {}
-        reps = [rep for _, rep in winners.values()]
+                     for label, (impl, _, _) in winners.items()} if regimes else {}
+        reps = [rep for _, rep, _ in winners.values()]
         if all(rep is None for rep in reps):
             status = "fallback" if failures else "kept"
             return _record(graph_id, site, status, "; ".join(failures) or _why_kept(cands), cands, chosen="original",
                            regimes=by_regime)
-        impls = [impl for impl, _ in winners.values()]
+        impls = [impl for impl, _, _ in winners.values()]
         if len({impl.name for impl in impls}) == 1:
             rep, chosen, how = reps[0], impls[0].name, "fastest candidate that passed the numerics gate"
         else:
             rep, chosen, how = self._dispatch(site, impls, reps, cands)
+        if _epilogue(site) and not fused:
+            refusing = [impl.name for impl in impls if not impl.fuses_epilogue(site)]
+            why = f"{' and '.join(refusing)} does not fuse it here" if refusing else "fused, it failed the gate"
+            how += f"; its epilogue ({site.epilogue}) stays as graph ops: {why}"
         with stage("rewrite"):
-            rewriter.apply(site.chain, rep, prefix=f"{site.kind}_{chosen}")
-        db = min((checked[i.name][1] for i in impls if i.name in checked), default=None)
+            rewriter.apply(site.chain + site.epilogue.nodes if fused else site.chain, rep, prefix=f"{site.kind}_{chosen}")
+        db = min((checked[i.name, fused][1] for i in impls if (i.name, fused) in checked), default=None)
         return _record(graph_id, site, "rewritten", "; ".join(failures + [how]), cands, chosen=chosen, sqnr_db=db,
-                       weight_bytes=rep.weight_bytes, packed=sorted(rep.sources), regimes=by_regime)
+                       weight_bytes=rep.weight_bytes, packed=sorted(rep.sources), regimes=by_regime,
+                       epilogue=str(site.epilogue) if fused else "")
 
     def _dispatch(self, site, impls, reps, cands):
         """(replacement, chosen at the example's size, reason) for a site whose regimes chose differently."""

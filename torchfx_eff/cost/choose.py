@@ -5,7 +5,7 @@ from ..config import ACCURACY, Config
 from ..kernels import Implementation, implementations
 from ..report import CandidateRecord
 from .devices import DeviceSpec
-from .formulas import evaluate
+from .formulas import epilogue, evaluate
 
 # A rewrite must be estimated (or measured) this much faster than the original to be chosen: estimates
 # are rough and every rewrite carries some risk.
@@ -33,6 +33,8 @@ def candidates(site, spec: DeviceSpec, config: Config, hints: dict | None = None
             reason = f"applicability check failed: {type(e).__name__}: {e}"
         try:
             expr = impl.cost(site, spec)
+            if getattr(site, "epilogue", None) is not None:  # fused into the kernel, or a pass of its own
+                expr += epilogue(site, spec, impl.epilogue_fused_when(site))
             estimate, formula = evaluate(expr, hints) * 1e6, str(expr)
         except Exception as e:  # a formula that cannot be evaluated here still leaves the candidate listed
             estimate, formula = None, f"cost failed: {type(e).__name__}: {e}"

@@ -74,6 +74,20 @@ def attention_unfused(site, spec: DeviceSpec) -> sympy.Expr:
     return matmuls + passes
 
 
+def epilogue(site, spec: DeviceSpec, fused) -> sympy.Expr:
+    """What a linear's epilogue (site.epilogue) adds to its kernel where `fused` (a condition over the site's sizes,
+    or True/False) holds and where not. Unfused: one pointwise pass (Inductor fuses the ops into one kernel) that
+    reads the linear's output and the operand and writes the result. Fused: only the operand's read and the result's
+    bytes beyond the linear output's, which the kernel's own cost counts; the output's round trip and a launch are
+    saved."""
+    ep = site.epilogue
+    M, N = site.dims["M"], site.dims["N"]
+    linear_out = M * N * itemsize(site.dtype)
+    result = M * (N / 2 if ep.pairs else N) * (itemsize(ep.dtype) + (itemsize(ep.operand_dtype) if ep.operand is not None else 0))
+    in_kernel = (result - linear_out) / (spec.bandwidth * spec.eff("elementwise")[1])
+    return sympy.Piecewise((in_kernel, fused), (roofline(0, linear_out + result, spec, site.dtype, "elementwise"), True))
+
+
 def evaluate(expr: sympy.Expr, hints: dict) -> float:
     return float(expr.xreplace(hints))
 

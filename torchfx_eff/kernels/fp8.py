@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..cost import formulas
-from .quant_gemm import quantize_rows
-from .registry import Implementation, Replacement, needs_dtype, pack_once, register
+from .quant_gemm import quantize_rows, scaled_linear
+from .registry import Implementation, Replacement, needs_dtype, pack_fused, register
 
 E4M3 = torch.float8_e4m3fn
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -22,11 +22,10 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(x.reshape(-1, x.shape[-1]), E4M3)
 
 
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (q * scales[:, None]).T (+ bias), x quantized to e4m3 per row; the Triton GEMM."""
-    xq, row_scales = _rows(x)
-    out = torch.ops.torchfx_eff.scaled_mm.default(xq, q, row_scales, scales, bias, x.dtype)
-    return out.reshape(*x.shape[:-1], q.shape[0])
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, epilogue: str = "",
+               operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ (q * scales[:, None]).T (+ bias), x quantized to e4m3 per row, then the epilogue; the Triton GEMM."""
+    return scaled_linear(x, *_rows(x), q, scales, bias, epilogue, operand, out_dtype)
 
 
 def fp8_scaled_mm_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -71,9 +70,10 @@ def _scaled_mm_applicable(site, spec) -> str | None:
 
 
 def _replacement(op):
-    def replace(site) -> Replacement:
-        q, scales = pack_once(site.weight, f"fp8_e4m3_rows_{site.weight_layout}", lambda: quantize_rows(site.weight_nk(), E4M3))
-        return Replacement(op, (site.x, q, scales, site.bias), weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes),
+    def replace(site) -> Replacement:  # only the Triton GEMM (fp8_linear) fuses epilogues
+        (q, scales), bias, epilogue = pack_fused(site, f"fp8_e4m3_rows_{site.weight_layout}",
+                                                 lambda: quantize_rows(site.weight_nk(), E4M3))
+        return Replacement(op, (site.x, q, scales, bias, *epilogue), weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes),
                            sources={site.weight_name: site.weight})
 
     return replace
@@ -81,6 +81,6 @@ def _replacement(op):
 
 register(Implementation("fp8", "linear", _triton_applicable,
                         lambda site, spec: formulas.linear_fp8(site, spec, "fp8_triton") + spec.custom_op_s,
-                        _replacement(fp8_linear), accuracy="balanced"))
+                        _replacement(fp8_linear), accuracy="balanced", fuses=lambda site: True))
 register(Implementation("fp8_scaled_mm", "linear", _scaled_mm_applicable, formulas.linear_fp8,
                         _replacement(fp8_scaled_mm_linear), accuracy="balanced"))

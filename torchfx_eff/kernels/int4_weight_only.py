@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..cost import formulas
 from . import weight_only_triton as wt
-from .registry import Implementation, Replacement, pack_once, register
+from .registry import Implementation, Replacement, pack_fused, pack_once, register
 
 GROUP_SIZES = wt.GROUP_SIZES
 
@@ -104,16 +104,18 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
             codes, scales, zeros = quantize_int4(site.weight_nk(), group_size)
             return (pack_int4(codes, group_size), scales, zeros) if path == "triton" else pack_for_cpu(codes, scales, zeros)
 
-        packed = pack_once(site.weight, f"int4_g{group_size}_{path}_{site.weight_layout}", pack)
+        packing = f"int4_g{group_size}_{path}_{site.weight_layout}"
         if path == "triton":
-            op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, *packed, site.bias, 4, group_size)
+            packed, bias, epilogue = pack_fused(site, packing, pack)
+            op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, *packed, bias, 4, group_size, *epilogue)
         else:
+            packed = pack_once(site.weight, packing, pack)
             op, args = int4_weight_only_linear, (site.x, *packed, group_size, site.bias)
         return Replacement(op, args, weight_bytes=(site.weight.nbytes, sum(t.nbytes for t in packed)),
                            sources={site.weight_name: site.weight})
 
     return Implementation(name, "linear", lambda site, spec: wt.applicable(site, _aten_refusal(site)), cost, replace,
-                          accuracy=accuracy)
+                          accuracy=accuracy, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site))
 
 
 # Group 64 passes the balanced per-site gate (~21 dB) yet costs SmolLM2 +32% perplexity (bench cpu_quality):

@@ -11,7 +11,7 @@ import torch
 
 from ..cost import formulas
 from . import weight_only_triton as wt
-from .registry import Implementation, Replacement, pack_once, register
+from .registry import Implementation, Replacement, pack_fused, pack_once, register
 
 
 def quantize_per_channel(weight_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,14 +60,16 @@ def _cost(site, spec):
 
 
 def replace(site) -> Replacement:
-    q, scales = pack_once(site.weight, f"int8_per_channel_{site.weight_layout}",
-                          lambda: quantize_per_channel(site.weight_nk()))
+    packing, pack = f"int8_per_channel_{site.weight_layout}", lambda: quantize_per_channel(site.weight_nk())
     if _on_triton(site):
-        op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, q, scales, None, site.bias, 8, 0)
+        (q, scales), bias, epilogue = pack_fused(site, packing, pack)
+        op, args = torch.ops.torchfx_eff.weight_only_mm.default, (site.x, q, scales, None, bias, 8, 0, *epilogue)
     else:
+        q, scales = pack_once(site.weight, packing, pack)
         op, args = int8_weight_only_linear, (site.x, q, scales, site.bias)
     return Replacement(op, args, weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes),
                        sources={site.weight_name: site.weight})
 
 
-register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced"))
+register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced",
+                        fuses=lambda site: _on_triton(site) and wt.epilogue_rows(site)))

@@ -1,8 +1,8 @@
 """Shared by the activation-quantized linears (fp8, w8a8_smooth): symmetric per-row quantization in ATen ops
 (Inductor fuses it into one pass over the activations) and a Triton GEMM over 8-bit operands whose epilogue
-dequantizes with a row scale x a column scale and adds the bias.
+dequantizes with a row scale x a column scale, adds the bias and applies a generated epilogue (codegen.epilogue):
 
-    out[m, n] = (sum_k a[m, k] b[n, k]) * sa[m] * sb[n] + bias[n]
+    out[m, n] = epilogue((sum_k a[m, k] b[n, k]) * sa[m] * sb[n] + bias[n])
 
 a and b are both int8 (int32 accumulator) or both float8_e4m3fn (fp32 accumulator, promoted every K block
 on Hopper rather than left to the tensor core's narrower accumulator). Registers no candidate.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .. import codegen
 
 INTERPRETING = triton.knobs.runtime.interpret
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
@@ -32,8 +34,8 @@ def quantize_rows(t: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, t
 
 
 @triton.jit
-def _scaled_mm(A, B, SA, SB, Bias, Out, M, N, K, stride_am, stride_bn, stride_om, M_BUCKET,
-               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr,
+def _scaled_mm(A, B, SA, SB, Bias, Out, E, M, N, K, stride_am, stride_bn, stride_om, stride_em, M_BUCKET,
+               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, EPILOGUE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -64,8 +66,7 @@ def _scaled_mm(A, B, SA, SB, Bias, Out, M, N, K, stride_am, stride_bn, stride_om
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         out += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    o_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    EPILOGUE(out, offs_m, offs_n, M, N, Out, stride_om, E, stride_em)
 
 
 def _hopper_configs():
@@ -89,37 +90,51 @@ INTERPRETER_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4} 
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, block: dict | None = None) -> torch.Tensor:
-    """(a @ b.T) * sa[:, None] * sb[None, :] (+ bias) for 8-bit a [M, K], b [N, K]. `block` fixes the tile
-    (BLOCK_M/N/K, GROUP_M) instead of autotuning (always so under the interpreter)."""
+              out_dtype: torch.dtype, block: dict | None = None, epilogue: str = "",
+              operand: torch.Tensor | None = None) -> torch.Tensor:
+    """(a @ b.T) * sa[:, None] * sb[None, :] (+ bias), then the epilogue (codegen.epilogue's spec, reading operand
+    [M, N_out]), for 8-bit a [M, K], b [N, K]. `block` fixes the tile (BLOCK_M/N/K, GROUP_M) instead of autotuning
+    (always so under the interpreter)."""
     (M, K), N = a.shape, b.shape[0]
     if a.dtype != b.dtype or a.dtype not in QMAX:
         raise ValueError(f"scaled_mm takes int8 or float8_e4m3fn operands of one dtype, got {a.dtype} and {b.dtype}")
     if b.shape[1] != K or a.stride(1) != 1 or b.stride(1) != 1:
         raise ValueError(f"scaled_mm needs a [M, K] and b [N, K] with unit K stride, got {a.shape}/{a.stride()} "
                          f"and {b.shape}/{b.stride()}")
-    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    out = torch.empty(M, codegen.out_features(epilogue, N), dtype=out_dtype, device=a.device)
+    e, stride_em = codegen.operand_arg(epilogue, operand, out, out.shape)
     if M == 0 or N == 0:
         return out
     acc = tl.int32 if a.dtype == torch.int8 else tl.float32
-    args = (a, b, sa.contiguous(), sb.contiguous(), bias if bias is not None else sb, out, M, N, K,
-            a.stride(0), b.stride(0), out.stride(0), triton.next_power_of_2(M))
+    args = (a, b, sa.contiguous(), sb.contiguous(), bias if bias is not None else sb, out, e, M, N, K,
+            a.stride(0), b.stride(0), out.stride(0), stride_em, triton.next_power_of_2(M))
+    flags = {"HAS_BIAS": bias is not None, "ACC": acc, "EPILOGUE": codegen.epilogue(epilogue)}
     if block is None and not INTERPRETING:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _scaled_mm_tuned[grid](*args, HAS_BIAS=bias is not None, ACC=acc)
+        _scaled_mm_tuned[grid](*args, **flags)
     else:
         block = block or INTERPRETER_BLOCK
         grid = (triton.cdiv(M, block["BLOCK_M"]) * triton.cdiv(N, block["BLOCK_N"]),)
-        _scaled_mm[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % block["BLOCK_K"] == 0, ACC=acc, **block)
+        _scaled_mm[grid](*args, **flags, EVEN_K=K % block["BLOCK_K"] == 0, **block)
     return out
+
+
+def scaled_linear(x: torch.Tensor, xq: torch.Tensor, row_scales: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None, epilogue: str = "", operand: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The GEMM as x [..., K]'s linear, x quantized to xq [M, K] with row_scales: output [..., N_out] in out_dtype
+    (x's by default), the epilogue reading operand [..., N_out]."""
+    rows = None if operand is None else operand.reshape(xq.shape[0], -1)
+    out = torch.ops.torchfx_eff.scaled_mm.default(xq, q, row_scales, scales, bias, out_dtype or x.dtype, epilogue, rows)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @torch.library.custom_op("torchfx_eff::scaled_mm", mutates_args=())
 def scaled_mm_op(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    return scaled_mm(a, b, sa, sb, bias, out_dtype)
+                 out_dtype: torch.dtype, epilogue: str = "", operand: torch.Tensor | None = None) -> torch.Tensor:
+    return scaled_mm(a, b, sa, sb, bias, out_dtype, epilogue=epilogue, operand=operand)
 
 
 @scaled_mm_op.register_fake
-def _(a, b, sa, sb, bias, out_dtype):
-    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+def _(a, b, sa, sb, bias, out_dtype, epilogue="", operand=None):
+    return a.new_empty(a.shape[0], codegen.out_features(epilogue, b.shape[0]), dtype=out_dtype)

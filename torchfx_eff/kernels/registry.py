@@ -8,6 +8,7 @@ import sympy
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import codegen
 from ..config import ACCURACY
 
 
@@ -35,6 +36,17 @@ class Implementation:
     cost: Callable[[Any, Any], sympy.Expr]  # (site, device spec) -> seconds
     replace: Callable[[Any], Replacement] | None  # None: the original computation, left as is
     accuracy: str = "lossless"  # the strictest Config.accuracy under which it may be chosen
+    # (site) -> where its kernel applies the site's epilogue (replace() then computes the epilogue's value): True,
+    # False, or a sympy condition over the site's sizes (e.g. M < 64: above, a pass of its own applies it)
+    fuses: Callable[[Any], Any] | None = None
+
+    def epilogue_fused_when(self, site) -> sympy.Basic:
+        fused = getattr(site, "epilogue", None) is not None and self.fuses is not None and self.fuses(site)
+        return sympy.sympify(fused)
+
+    def fuses_epilogue(self, site) -> bool:
+        """Whether to ask replace() for the epilogue: its kernel applies it at some size."""
+        return self.epilogue_fused_when(site) != sympy.false
 
     def __post_init__(self):
         if self.accuracy not in ACCURACY:
@@ -53,6 +65,25 @@ def pack_once(weight: torch.Tensor, packing: str, pack: Callable[[], Any]):
     if hit is None or hit[0] != weight._version:
         entry[packing] = hit = (weight._version, pack())
     return hit[1]
+
+
+def pack_fused(site, packing: str, pack: Callable[[], tuple], channel_tensors: int | None = None):
+    """(packed tensors, bias argument, epilogue arguments (spec, operand, dtype)) of a Triton replacement that applies
+    site.epilogue (none: no epilogue arguments). An epilogue that pairs gate and up channels (a sibling-fused gate/up)
+    reads them interleaved: the first channel_tensors packed tensors (all by default), whose first dimension is the
+    channels, and the bias (a constant then) are packed so."""
+    epilogue = site.epilogue
+    extra = () if epilogue is None else (epilogue.spec, epilogue.operand, epilogue.dtype)
+    if epilogue is None or not epilogue.pairs:
+        return pack_once(site.weight, packing, pack), site.bias, extra
+
+    def paired():
+        packed = pack()
+        n = len(packed) if channel_tensors is None else channel_tensors
+        return tuple(codegen.pair_channels(t) if i < n else t for i, t in enumerate(packed))
+
+    bias = None if site.bias is None else codegen.pair_channels(site.bias_param)
+    return pack_once(site.weight, f"{packing}_paired", paired), bias, extra
 
 
 def register(impl: Implementation) -> Implementation:

@@ -22,8 +22,8 @@ import torch
 
 from ..calibration import ACTIVATION_STATS
 from ..cost import formulas
-from .quant_gemm import quantize_rows
-from .registry import Implementation, Replacement, needs_dtype, pack_once, register
+from .quant_gemm import quantize_rows, scaled_linear
+from .registry import Implementation, Replacement, needs_dtype, pack_fused, register
 
 ALPHA = 0.5  # migration strength: 0 leaves activations as they are, 1 moves all their range into the weights
 # Factors fitted to a few tokens can misfit the others badly (one decode token's statistics: 21 dB where plain
@@ -69,10 +69,11 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, inv_s: t
 
 
 def w8a8_linear_triton(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, inv_s: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """The same, through the Triton int8 GEMM with the dequantization and bias in its epilogue (CUDA path)."""
-    xq, row_scales = _smoothed_rows(x, inv_s)
-    return _finish(torch.ops.torchfx_eff.scaled_mm.default(xq, q, row_scales, scales, bias, x.dtype), x)
+                       bias: torch.Tensor | None, epilogue: str = "", operand: torch.Tensor | None = None,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same, through the Triton int8 GEMM with the dequantization, the bias and the epilogue in its store (CUDA
+    path)."""
+    return scaled_linear(x, *_smoothed_rows(x, inv_s), q, scales, bias, epilogue, operand, out_dtype)
 
 
 def activation_absmax(site) -> tuple[torch.Tensor, str]:
@@ -108,12 +109,18 @@ def _replace(site) -> Replacement:
     K = site.size("K")
     if absmax.shape != (K,):
         raise ValueError(f"activation statistics have shape {tuple(absmax.shape)}, the site's K is {K}")
-    # one packing per statistics source: graphs compiled from example inputs share the first one's factors
-    q, scales, inv_s = pack_once(site.weight, f"w8a8_smooth_{site.weight_layout}_a{ALPHA}_{source}",
-                                 lambda: pack(site.weight_nk(), absmax))
-    op = w8a8_linear_triton if site.device.type == "cuda" else w8a8_linear
-    return Replacement(op, (site.x, q, scales, inv_s, site.bias), weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes + inv_s.nbytes),
+    # one packing per statistics source: graphs compiled from example inputs share the first one's factors; the
+    # epilogue (CUDA only) pairs q's and scales' channels, never inv_s's input channels
+    (q, scales, inv_s), bias, epilogue = pack_fused(site, f"w8a8_smooth_{site.weight_layout}_a{ALPHA}_{source}",
+                                                    lambda: pack(site.weight_nk(), absmax), channel_tensors=2)
+    op = w8a8_linear_triton if _on_cuda(site) else w8a8_linear
+    return Replacement(op, (site.x, q, scales, inv_s, bias, *epilogue), weight_bytes=(site.weight.nbytes, q.nbytes + scales.nbytes + inv_s.nbytes),
                        sources={site.weight_name: site.weight})
 
 
-register(Implementation("w8a8_smooth", "linear", _applicable, formulas.linear_w8a8, _replace, accuracy="balanced"))
+def _on_cuda(site) -> bool:
+    return site.device.type == "cuda"
+
+
+register(Implementation("w8a8_smooth", "linear", _applicable, formulas.linear_w8a8, _replace, accuracy="balanced",
+                        fuses=_on_cuda))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import codegen
 from ..cost import devices, formulas
 from .registry import needs_dtype
 
@@ -70,20 +71,21 @@ def _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF: tl.constexpr):
 
 
 @triton.jit
-def _store(acc, S, B, Out, offs_m, offs_n, M, N, stride_om, BITS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] times int8's channel scales, + bias, to Out in its dtype."""
+def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+           EPILOGUE: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] times int8's channel scales, + bias, through the generated EPILOGUE to Out."""
     n_ok = offs_n < N
     if BITS == 8:
         acc = acc * tl.load(S + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty),
-             mask=(offs_m < M)[:, None] & n_ok[None, :])
+    EPILOGUE(acc, offs_m, offs_n, M, N, Out, stride_om, E, stride_em)
 
 
 @triton.jit
-def _gemv(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om,
-          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gemv(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
+          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row m (program axis 0, the fastest: the rows of one channel block run together and share its weights in L2)
     times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and are
     summed over K once, at the end."""
@@ -98,7 +100,7 @@ def _gemv(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_s
         xa, xb = _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF)
         acc += wa * xa.to(tl.float32) + wb * xb.to(tl.float32)
     out = tl.sum(tl.sum(acc, 2), 1)[None, :]
-    _store(out, S, B, Out, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, BITS, HAS_BIAS)
+    _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
@@ -109,8 +111,8 @@ def _dot_chunks(acc, x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: 
 
 
 @triton.jit
-def _gemm(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, M_BUCKET,
-          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr,
+def _gemm(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, M_BUCKET,
+          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, CHUNKS: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row blocks on program axis 0 (the fastest): the row blocks of one channel block share its weights in L2.
     A step's chunks lie side by side along the dot's K, in the same order for x and the weights. fp32 x multiplies
@@ -125,7 +127,7 @@ def _gemm(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_xk, stride_wn, stride_s
         xa, xb = _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF)
         acc = _dot_chunks(acc, xa, wa, BLOCK_M, BLOCK_N, CHUNKS * HALF)
         acc = _dot_chunks(acc, xb, wb, BLOCK_M, BLOCK_N, CHUNKS * HALF)
-    _store(acc, S, B, Out, offs_m, offs_n, M, N, stride_om, BITS, HAS_BIAS)
+    _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
@@ -143,6 +145,17 @@ def _dequantize(W, S, Z, Out, N, K, stride_wn, stride_sn, stride_on,
     ptrs = Out + n * stride_on + k
     tl.store(ptrs, wa.to(Out.dtype.element_ty), mask=(n < N) & (k < K))
     tl.store(ptrs + HALF, wb.to(Out.dtype.element_ty), mask=(n < N) & (k + HALF < K))
+
+
+@triton.jit
+def _epilogue_pass(Y, Out, E, M, N, stride_ym, stride_om, stride_em, EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The epilogue of a product computed elsewhere (cuBLAS on the decoded weights): Y's tiles through EPILOGUE."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y = tl.load(Y + offs_m[:, None] * stride_ym + offs_n[None, :], mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+                other=0.0)
+    EPILOGUE(y.to(tl.float32), offs_m, offs_n, M, N, Out, stride_om, E, stride_em)
 
 
 def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
@@ -191,26 +204,35 @@ _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_war
 
 
 def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                       bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) in x's dtype. bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4:
-    weight [N, Kp / 2] uint8 in int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale
-    + zero in each group. The GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded
-    weights from DEQUANTIZE_MIN_ROWS rows."""
+                       bias: torch.Tensor | None, bits: int, group_size: int, epilogue: str = "",
+                       operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias), then the epilogue (codegen.epilogue's spec, reading operand), in out_dtype (x's by
+    default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 2] uint8 in
+    int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale + zero in each group. The
+    GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from DEQUANTIZE_MIN_ROWS
+    rows (and the epilogue in a pass of its own there)."""
     if bits not in (4, 8):
         raise ValueError(f"weight_only_matmul: bits={bits!r} is not allowed; choose 4 or 8")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"weight_only_matmul: group_size={group_size!r} is not allowed; choose one of {GROUP_SIZES}")
     K, N = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    M, shape = x2.shape[0], (*x.shape[:-1], codegen.out_features(epilogue, N))
+    out = torch.empty(M, shape[-1], dtype=out_dtype or x.dtype, device=x.device)
+    e, stride_em = codegen.operand_arg(epilogue, operand, out, shape)
+    store = codegen.epilogue(epilogue)
     if M >= DEQUANTIZE_MIN_ROWS:
-        return F.linear(x, dequantize(weight, scales, zeros, bits, group_size, K, x.dtype), bias)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        y = F.linear(x2, dequantize(weight, scales, zeros, bits, group_size, K, x.dtype), bias)
+        if not epilogue and y.dtype == out.dtype:
+            return y.reshape(shape)
+        _epilogue_pass[(triton.cdiv(M, 32), triton.cdiv(N, 64))](y, out, e, M, N, y.stride(0), out.stride(0), stride_em,
+                                                                EPILOGUE=store, BLOCK_M=32, BLOCK_N=64)
+        return out.reshape(shape)
     if M and N:
         half = group_size // 2 if bits == 4 else INT8_HALF
-        args = (x2, weight, scales, scales if zeros is None else zeros, out if bias is None else bias, out, M, N, K,
-                *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0))
-        flags = {"BITS": bits, "HALF": half, "HAS_BIAS": bias is not None}
+        args = (x2, weight, scales, scales if zeros is None else zeros, out if bias is None else bias, out, e, M, N, K,
+                *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0), stride_em)
+        flags = {"BITS": bits, "HALF": half, "HAS_BIAS": bias is not None, "EPILOGUE": store}
         if M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
             _gemv_tuned[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags, **block)
@@ -219,18 +241,19 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
             _gemm_tuned[grid](*args, min(triton.next_power_of_2(M), 4096), **flags,
                               CHUNKS=max(1, GEMM_DOT_K // half), **block)
-    return out.reshape(*x.shape[:-1], N)
+    return out.reshape(shape)
 
 
 @torch.library.custom_op("torchfx_eff::weight_only_mm", mutates_args=())
 def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                   bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
-    return weight_only_matmul(x, weight, scales, zeros, bias, bits, group_size)
+                   bias: torch.Tensor | None, bits: int, group_size: int, epilogue: str = "",
+                   operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return weight_only_matmul(x, weight, scales, zeros, bias, bits, group_size, epilogue, operand, out_dtype)
 
 
 @weight_only_mm.register_fake
-def _(x, weight, scales, zeros, bias, bits, group_size):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weight, scales, zeros, bias, bits, group_size, epilogue="", operand=None, out_dtype=None):
+    return x.new_empty(*x.shape[:-1], codegen.out_features(epilogue, weight.shape[0]), dtype=out_dtype or x.dtype)
 
 
 def applicable(site, aten_refusal: str | None) -> str | None:
@@ -249,6 +272,12 @@ def triton_cost(roofline_cost, spec):
     slower, so the cost model never picks it there on its own."""
     cost = roofline_cost + spec.custom_op_s
     return cost if spec.type == "cuda" else cost * INTERPRETER_SLOWDOWN
+
+
+def epilogue_rows(site):
+    """Where the Triton path applies an epilogue in its kernels' store: below DEQUANTIZE_MIN_ROWS (from there cuBLAS
+    multiplies and a pass of its own applies it)."""
+    return site.dims["M"] < DEQUANTIZE_MIN_ROWS
 
 
 def uses_triton(site, aten_refusal: str | None, aten_cost, interpreted_cost) -> bool:

@@ -37,8 +37,10 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             yield Miss("linear", node, op, where, "no tensor shape metadata, or a weight that is not 2-D")
             continue
         n, k = weight.shape if layout == "nk" else weight.shape[::-1]
+        bias = args.get(b_name) if b_name else None
         yield LinearSite(
             node=node, op=op, location=where, dtype=out.dtype, device=out.device,
             dims={"M": numel(x.shape[:-1]), "N": sym(n), "K": sym(k)}, hints=hints_of(x.shape),
-            x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=args.get(b_name) if b_name else None,
+            x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=bias,
+            bias_param=info.parameter(bias),
         )

@@ -32,6 +32,31 @@ class Site:
 
 
 @dataclass
+class Epilogue:
+    """Pointwise ops after a linear that its kernel may apply to the output tile before storing it (passes/epilogue.py
+    finds them, codegen/ generates their Triton)."""
+
+    spec: str  # codegen.epilogue's steps, e.g. "silu,mul"
+    nodes: list[fx.Node]  # the graph nodes it computes, in graph order; the last one holds its value
+    labels: list[str]  # what it does, for the report: "swiglu(silu)", "+residual", "to float16"
+    dtype: torch.dtype  # of its value, after any cast: the kernel stores in it
+    operand: fx.Node | None = None  # the tensor an add or mul step reads (a residual, SwiGLU's up)
+    operand_dtype: torch.dtype | None = None
+
+    @property
+    def out(self) -> fx.Node:
+        return self.nodes[-1]
+
+    @property
+    def pairs(self) -> bool:
+        """Gate and up are the two halves of the linear's channels (a sibling-fused gate/up)."""
+        return self.spec.startswith("glu_")
+
+    def __str__(self) -> str:
+        return ", ".join(self.labels)
+
+
+@dataclass
 class LinearSite(Site):
     """y = x @ W^T + b with W a parameter; dims M (rows of x), N (out), K (in)."""
 
@@ -41,6 +66,10 @@ class LinearSite(Site):
     weight_name: str = ""  # its graph input or attribute name, the same in every graph that reads it
     weight_layout: str = "nk"  # "nk" for F.linear, "kn" for addmm/matmul (GPT-2 Conv1D)
     bias: fx.Node | None = None
+    bias_param: torch.Tensor | None = None  # the real tensor behind bias when it is a parameter or buffer
+    # the pointwise ops after it that a Triton kernel may apply (passes/epilogue.py); replace() applies it when set,
+    # and candidates that do not fuse it get a copy of the site without it
+    epilogue: Epilogue | None = None
 
     def weight_nk(self) -> torch.Tensor:
         return self.weight if self.weight_layout == "nk" else self.weight.t()

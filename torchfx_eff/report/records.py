@@ -42,6 +42,7 @@ class SiteRecord:
     packed: list[str] = field(default_factory=list)  # names of the parameters packed into constants
     # with symbolic rows: regime label -> {"chosen": name, "estimates_us": {candidate: us}}
     regimes: dict[str, dict] = field(default_factory=dict)
+    epilogue: str = ""  # the pointwise ops after a linear that its kernel applies, e.g. "swiglu(silu), to float16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +107,7 @@ class Report:
             shape = ",".join(f"{k}={v}" for k, v in s.hints.items())
             choices = [r["chosen"] for r in s.regimes.values()]
             chosen = "|".join(choices) if len(set(choices)) > 1 else (s.chosen or "-")  # dispatched on rows
+            chosen += f"[{s.epilogue}]" if s.epilogue else ""
             key = (str(s.graph_id), s.kind, s.status, chosen, os.path.basename(s.location), shape, cands, s.reason)
             groups.setdefault(key, []).append(s)
         rows = []
