@@ -9,7 +9,7 @@ from typing import Union
 ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
-BOOLEANS = ("calibrate", "strict", "fuse_siblings")
+BOOLEANS = ("calibrate", "strict", "fuse_siblings", "release_weights")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
 FamilyChoice = Union[str, tuple]
@@ -41,6 +41,9 @@ class Config:
     fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
         weights, before matching (exact). Off by default: the concatenation is a copy kept next to the
         module's parameters (about +70% of a Llama layer's weight bytes). linear="off" turns it off too.
+    release_weights: free each original weight once every compiled graph reads its packed copy instead (its bytes
+        go to host memory from a GPU, to a temporary file on CPU; see torchfx_eff.memory). The model's released
+        parameters then hold no data outside compiled graphs: torchfx_eff.restore_weights(model) brings them back.
     log: path of a JSONL file that receives every compiled graph's records.
     device: name of a device spec (see torchfx_eff.cost.devices.SPECS) to cost for instead of the detected one.
     """
@@ -52,6 +55,7 @@ class Config:
     calibrate: bool = False
     strict: bool = False
     fuse_siblings: bool = False
+    release_weights: bool = False
     log: str | None = None
     device: str | None = None
 
