@@ -20,6 +20,7 @@ from helpers import (
 import torchfx_eff
 from torchfx_eff import memory
 from torchfx_eff.kernels import registry
+from torchfx_eff.report import Report, SiteRecord
 
 
 def _twins(family="llama"):
@@ -186,6 +187,41 @@ def test_a_site_that_falls_back_keeps_its_weight(monkeypatch):
     assert "model.layers.1.mlp.down_proj.weight" not in _released(model) and len(_released(model)) == 14
 
 
+class _ReadAndPack(torch.nn.Module):
+    """One weight read as is (a row added to x) in one graph and through a linear (packed) in the other."""
+
+    def __init__(self, read_first: bool):
+        super().__init__()
+        self.lin, self.read_first = torch.nn.Linear(256, 256, dtype=torch.bfloat16), read_first
+
+    def forward(self, x):
+        if self.read_first:
+            x = x + self.lin.weight[0]
+        torch._dynamo.graph_break()
+        y = self.lin(x)
+        torch._dynamo.graph_break()
+        return y if self.read_first else y + self.lin.weight[0]
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_a_weight_another_graph_reads_as_is_is_kept_or_comes_back(read_first):
+    """Read first: the packing graph must not release it. Packed first: it is released, then the reading graph's
+    compile brings it back and keeps it."""
+    model = _ReadAndPack(read_first)
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    [ref] = _reference(twin, [lambda cm: cm(x)])
+    with torch.no_grad():
+        out = compiled(model, release_weights=True)(x)
+    assert torch.equal(out, ref)
+    [packing] = sites("linear", "rewritten")
+    weight = [r for r in sites("weight") if r.op == packing.packed[0]]
+    assert [r.status for r in weight] == (["kept"] if read_first else ["released", "kept"])
+    reader = int(weight[-1].reason.removeprefix("read as is by graph ").split(":")[0])
+    assert (reader < packing.graph_id) == read_first and ": getitem at test_memory.py:" in weight[-1].reason
+    assert model.lin.weight.untyped_storage().nbytes() == model.lin.weight.nbytes
+
+
 def test_restore_weights_gives_the_eager_model_back():
     model, twin = _twins()
     ids = torch.randint(0, 128, (1, 4))
@@ -259,6 +295,23 @@ def test_inductor_inner_compile_with_released_weights():
     torchfx_eff.restore_weights(model)
     with torch.no_grad():
         assert sqnr_ref(model(ids).logits, out) >= 20.0
+
+
+def test_resident_bytes_count_each_weight_and_packing_once_by_its_latest_record():
+    site = lambda graph, packed, nbytes: SiteRecord(graph, "linear", "rewritten", "linear", chosen="int8_weight_only",
+                                                    weight_bytes=nbytes, packed=[packed])
+    weight = lambda graph, status, name, nbytes: SiteRecord(graph, "weight", status, name,
+                                                            weight_bytes=(nbytes, 0 if status == "released" else nbytes))
+    copy_name = "_torchfx_eff_cat_0123_weight"
+    report = Report([
+        site(0, "w", (100, 52)), weight(0, "released", "w", 100),
+        site(1, "w", (100, 52)), weight(1, "kept", "w", 100),  # the same packing; a later graph reads w as is
+        site(1, copy_name, (300, 152)), weight(1, "released", copy_name, 300),  # a fused copy: not an original
+        weight(1, "released", "a", 150), weight(1, "released", "b", 150),  # its members
+    ])
+    assert report.resident_bytes() == (100 + 150 + 150, 52 + 152 + 100)
+    site_record = dataclasses.replace(report.sites[0], resident_bytes=(100, 52))
+    assert SiteRecord.from_dict(site_record.to_dict()) == site_record
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

@@ -134,7 +134,8 @@ class Report:
         lines.append(f"summary: {counts}")
         before, after = self.weight_bytes()
         if before:
-            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB packed")
+        if any(s.kind == "weight" for s in self.sites):  # logs written before weight records have none
             before, after = self.resident_bytes()
             lines.append(f"weights resident: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (packed copies and "
                          f"the originals still resident; see the weight records)")
