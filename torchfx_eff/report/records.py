@@ -88,9 +88,10 @@ class Report:
             return cls([SiteRecord.from_dict(json.loads(line)) for line in f if line.strip()])
 
     def weight_bytes(self) -> tuple[int, int]:
-        """Weight bytes (before, after) of the parameters that rewritten sites repacked, each parameter once
+        """Weight bytes (before, packed) of the parameters that rewritten sites repacked, each parameter once
         (graphs share a parameter's packed copy). A site that repacked a fused siblings' concatenation adds its
-        after only: its before is that copy, the after of the "siblings" record."""
+        after only: its before is that copy, the after of the "siblings" record. What stays in memory, originals
+        included: resident_bytes()."""
         pairs = {tuple(s.packed) or id(s): s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"}
         copies = {k for k in pairs if isinstance(k, tuple) and all(str(n).startswith(FUSED_COPY_PREFIX) for n in k)}
         before = sum(p[0] for k, p in pairs.items() if k not in copies)
