@@ -477,3 +477,45 @@ def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(mon
     assert epilogues.count("+residual") == 2 * GPU_SIZES["layers"] * 2
     for fused, unfused in zip(outs[True], outs[False]):
         assert sqnr_ref(unfused, fused) >= 30.0
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])
+def test_release_weights_frees_device_memory(name, monkeypatch):
+    """Config.release_weights on a small bf16 Llama: device memory drops by the released originals' bytes (moved to
+    host memory), outputs are the unreleased compile's, and restore_weights puts them back on the device."""
+    import dataclasses
+
+    from helpers import linear_modules
+
+    from torchfx_eff.kernels import registry
+
+    impl = registry._REGISTRY["linear"][name]  # estimated fastest, so that every linear is rewritten
+    monkeypatch.setitem(registry._REGISTRY["linear"], name,
+                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+    model = make_model("llama", GPU_SIZES, torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, 8), device="cuda")
+    config = {"linear": (name,), "accuracy": "aggressive", "inner": "inductor"}
+    with torch.no_grad():
+        eager = model(ids).logits
+        ref = compiled(model, **config)(ids).logits  # packs every weight; the originals stay
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = compiled(model, release_weights=True, **config)(ids).logits  # the same packings, from the cache
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    weights = [m.weight for m in linear_modules(model)]
+    assert all((s.status, s.chosen) == ("rewritten", name) for s in matched("linear")), torchfx_eff.last_report()
+    assert all(w.untyped_storage().nbytes() == 0 for w in weights)
+    assert all(r.status == "released" and "host memory" in r.reason for r in sites("weight"))
+    freed = sum(w.nbytes for w in weights)
+    assert before - after >= freed - out.nbytes - 2**16, (before, after, freed)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # the same packings and kernels
+    resident_before, resident_after = torchfx_eff.last_report().resident_bytes()
+    assert resident_before == freed and resident_after == torchfx_eff.last_report().weight_bytes()[1] < freed / 1.9
+    assert len(torchfx_eff.restore_weights(model)) == len(weights)
+    assert torch.cuda.memory_allocated() - after >= freed
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, eager)

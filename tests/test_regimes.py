@@ -34,8 +34,8 @@ def test_decode_and_prefill_choose_differently_and_one_graph_dispatches_on_rows(
         assert prefill["estimates_us"]["int8_weight_only"] > prefill["estimates_us"]["original"]
         assert (decode["chosen"], prefill["chosen"]) == ("int8_weight_only", "original")
         assert s.status == "rewritten" and s.chosen == "int8_weight_only" and "dispatch on rows" in s.reason
-        before, after = s.weight_bytes
-        assert after > before  # the bf16 weight stays for the prefill branch, the int8 copy joins it
+        before, packed = s.weight_bytes
+        assert packed < before and s.resident_bytes == (before, before + packed)  # bf16 stays for the prefill branch
     q, scales = quantize_per_channel(model.up.weight)
     with torch.no_grad():
         for rows in (3, 16, 17, 64):

@@ -8,7 +8,8 @@ chosen per site by a cost model, checked numerically, and logged.
 from .backend import Backend, backend
 from .calibration import calibrate_activations
 from .config import Config
+from .memory import restore_weights
 from .report import Report, last_report, reset
 
-__all__ = ["Backend", "Config", "Report", "backend", "calibrate_activations", "last_report", "reset"]
+__all__ = ["Backend", "Config", "Report", "backend", "calibrate_activations", "last_report", "reset", "restore_weights"]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import logging
 import torch
 import torch.fx as fx
 
-from . import cost, gate, kernels, passes, report
+from . import cost, gate, kernels, memory, passes, report
 from .config import Config
 from .report import SiteRecord
 from .rewrite import Rewriter, rows_dispatch
@@ -76,6 +76,8 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         graph_id = report.new_graph_id()
+        # packing, the gate and an unrewritten read need the originals that earlier graphs released
+        memory.restore([*example_inputs, *gm.parameters(), *gm.buffers()], f"graph {graph_id}'s compile")
         try:
             rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id)
         except StageError as e:
@@ -101,10 +103,12 @@ class Backend:
                 compiled = self.inner_compile(rewritten, gm, example_inputs, records)
         else:
             compiled = self.inner_compile(rewritten, gm, example_inputs, records)
+        guarded = _guard_packed_weights(compiled, gm, packed, graph_id, self.config.log)
+        runs = gm if any(r.kind == "graph" and r.status == "fallback" for r in records) else rewritten
+        records += memory.settle(guarded, graph_id, runs, rewritten, example_inputs, [t for t, _ in packed],
+                                 self.config.release_weights, records)
         report.add_graph(records, self.config.log)
-        if packed and any(r.status == "rewritten" for r in records):
-            return _guard_packed_weights(compiled, gm, packed, graph_id, self.config.log)
-        return compiled
+        return guarded
 
     def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True):
         """A rewritten copy of gm (gm itself is never modified), one record per site, and the parameters
@@ -140,7 +144,7 @@ class Backend:
             regimes = {id(s): {label: cost.candidates(s, spec, config, hints) for label, hints in by_rows.items()}
                        for s in sites if dispatch and (by_rows := cost.regime_hints(s))}
             blocker = self._blocker(info)
-            contested = lambda s, c: any(len(cost.ranked(x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
+            contested = lambda s, c: any(len(self._ranked(s, x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
             todo = [(s, c) for s, c in plans if not blocker and (contested(s, c) or config.calibrate)]
         with stage("capture"):
             chains = {s.node: s.chain for s, _ in todo}
@@ -184,6 +188,10 @@ class Backend:
                 rec.measured_us = calibration.get(key) * 1e6
         calibration.save()
 
+    def _ranked(self, site, cands):
+        # with release_weights, a packed linear may be slower: an original that a graph keeps stays resident
+        return cost.ranked(cands, memory_first=self.config.release_weights and site.kind == "linear")
+
     def _check(self, site, impl, values, fused: bool) -> tuple[kernels.Replacement | None, float | None, str | None]:
         """impl's replacement for the site (computing its epilogue too when fused), its SQNR and why it failed the
         gate (None if it passed). A fused replacement is checked against the original epilogue's value."""
@@ -222,7 +230,7 @@ class Backend:
                         return impl, rep, fused
             raise AssertionError("ranked candidates end with the original")
 
-        by_label = {label: cost.ranked(c) for label, c in (regimes or {"": cands}).items()}
+        by_label = {label: self._ranked(site, c) for label, c in (regimes or {"": cands}).items()}
         winners = {label: first_passing(ranked, True) for label, ranked in by_label.items()}
         if len({fused for _, _, fused in winners.values()}) > 1:
             winners = {label: first_passing(ranked, False) for label, ranked in by_label.items()}
@@ -239,6 +247,10 @@ class Backend:
         impls = [impl for impl, _, _ in winners.values()]
         if len({impl.name for impl in impls}) == 1:
             rep, chosen, how = reps[0], impls[0].name, "fastest candidate that passed the numerics gate"
+            mine, original = (next(r.time_us for _, r in cands if r.name == n) for n in (chosen, "original"))
+            if self.config.release_weights and None not in (mine, original) and mine >= original * cost.MARGIN:
+                how = (f"Config.release_weights: packed so that the original can be released, though estimated at "
+                       f"{mine:.1f} us against the original's {original:.1f} us")
         else:
             rep, chosen, how = self._dispatch(site, impls, reps, cands)
         if _epilogue(site) and not fused:
@@ -256,7 +268,7 @@ class Backend:
         """(replacement, chosen at the example's size, reason) for a site whose regimes chose differently."""
         original = kernels.Replacement(site.node.target, site.node.args, site.node.kwargs)
         small, large = (rep or original for rep in reps)
-        after = sum(rep.weight_bytes[1] if rep is not None and rep.weight_bytes else site.weight.nbytes for rep in reps)
+        after = sum(rep.weight_bytes[1] for rep in reps if rep is not None and rep.weight_bytes)  # packed only
         rep = rows_dispatch(site.x, cost.SPLIT_ROWS, small, large, weight_bytes=(site.weight.nbytes, after))
         example_rows = site.size("M")
         chosen = impls[0].name if example_rows <= cost.SPLIT_ROWS else impls[1].name
@@ -303,18 +315,21 @@ def _inductor_options(config: Config) -> dict:
 
 def _guard_packed_weights(compiled, original: fx.GraphModule, packed, graph_id: int, log_path):
     """Run the original graph once a parameter that was packed at compile time has been modified in place
-    (load_state_dict, an optimizer step): the packed copy would be stale. Dynamo does not guard on values."""
+    (load_state_dict, an optimizer step): the packed copy would be stale. Dynamo does not guard on values.
+    The returned callable lives as long as Dynamo keeps the graph: memory.py registers the graph's reads on it."""
     boxed = getattr(compiled, "_boxed_call", False)
     state = {"stale": False}
 
     def run(*args):
+        inputs = args[0] if boxed else args
         if not state["stale"] and any(t._version != v for t, v in packed):
             state["stale"] = True
             why = "parameters changed after compile; running the unoptimized graph (recompile to re-optimize)"
             log.warning("torchfx_eff: graph %d: %s", graph_id, why)
-            report.add_graph([SiteRecord(graph_id, "graph", "fallback", "-", reason=why)], log_path)
+            # the original graph reads every weight as is: those released come back and stay
+            kept = memory.settle(run, graph_id, original, original, list(inputs), [], False, [])
+            report.add_graph([SiteRecord(graph_id, "graph", "fallback", "-", reason=why), *kept], log_path)
         if state["stale"]:
-            inputs = args[0] if boxed else args
             return original.forward(*inputs)
         return compiled(*args)
 

@@ -9,7 +9,7 @@ from typing import Union
 ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
-BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues")
+BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues", "release_weights")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
 FamilyChoice = Union[str, tuple]
@@ -44,6 +44,9 @@ class Config:
     fuse_epilogues: let a linear's Triton kernel apply the pointwise ops after it (activation, SwiGLU, residual add,
         dtype cast) before it stores its output (codegen/ generates them); checked by the gate like any rewrite.
         Estimates credit the fusion; calibrate=True times the linears alone.
+    release_weights: free each original weight once every compiled graph reads its packed copy instead (its bytes
+        go to host memory from a GPU, to a temporary file on CPU; see torchfx_eff.memory). The model's released
+        parameters then hold no data outside compiled graphs: torchfx_eff.restore_weights(model) brings them back.
     log: path of a JSONL file that receives every compiled graph's records.
     device: name of a device spec (see torchfx_eff.cost.devices.SPECS) to cost for instead of the detected one.
     """
@@ -56,6 +59,7 @@ class Config:
     strict: bool = False
     fuse_siblings: bool = False
     fuse_epilogues: bool = True
+    release_weights: bool = False
     log: str | None = None
     device: str | None = None
 

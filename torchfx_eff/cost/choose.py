@@ -10,6 +10,10 @@ from .formulas import epilogue, evaluate
 # A rewrite must be estimated (or measured) this much faster than the original to be chosen: estimates
 # are rough and every rewrite carries some risk.
 MARGIN = 0.95
+# Under Config.release_weights a packed candidate may be estimated up to this much slower than the original: any
+# graph that keeps the original reads it, so it stays resident beside its packed copy. ATen's CPU int8/int4 pack
+# matmuls are estimated ~3x slower than a bf16 GEMM at prefill sizes; interpreted kernels are far slower.
+MEMORY_SLOWDOWN = 4.0
 
 
 def _refusal(impl: Implementation, site, spec: DeviceSpec, config: Config) -> str | None:
@@ -43,11 +47,12 @@ def candidates(site, spec: DeviceSpec, config: Config, hints: dict | None = None
     return out
 
 
-def ranked(cands: list[tuple[Implementation, CandidateRecord]]) -> list[tuple[Implementation, CandidateRecord]]:
-    """Applicable candidates that beat the original by MARGIN, fastest first, then the original."""
+def ranked(cands: list[tuple[Implementation, CandidateRecord]], memory_first: bool = False) -> list[tuple[Implementation, CandidateRecord]]:
+    """Applicable candidates that beat the original by MARGIN (memory_first: that are at most MEMORY_SLOWDOWN times
+    slower), fastest first, then the original."""
     original = next(c for c in cands if c[0].replace is None)
     if original[1].time_us is None:  # nothing to compare against: keep the original
         return [original]
-    limit = original[1].time_us * MARGIN
+    limit = original[1].time_us * (MEMORY_SLOWDOWN if memory_first else MARGIN)
     faster = [c for c in cands if c[1].applicable and c is not original and c[1].time_us is not None and c[1].time_us < limit]
     return sorted(faster, key=lambda c: c[1].time_us) + [original]

@@ -181,6 +181,10 @@ def _concatenation(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     if hit is None or hit[1] != versions or any(ref() is not t for ref, t in zip(hit[0], tensors)):
         with torch.no_grad():
             entries[key] = hit = ([weakref.ref(t) for t in tensors], versions, torch.cat([t.detach() for t in tensors], dim))
+    elif not hit[2].untyped_storage().nbytes():  # released (Config.release_weights, memory.py): recompute in place
+        hit[2].untyped_storage().resize_(hit[2].nbytes)
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(hit[2]):  # its packings stay valid
+            torch.cat([t.detach() for t in tensors], dim, out=hit[2])
     return hit[2]
 
 

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
-STATUSES = ("rewritten", "kept", "fallback", "missed")
+STATUSES = ("rewritten", "kept", "fallback", "missed", "released")  # released: a "weight" record (memory.py)
 FUSED_COPY_PREFIX = "_torchfx_eff_cat_"  # names of the concatenated weights of fused sibling linears
 
 
@@ -38,7 +38,10 @@ class SiteRecord:
     dims: dict[str, str] = field(default_factory=dict)  # symbolic size -> expression
     hints: dict[str, int] = field(default_factory=dict)  # the example value of each size
     sqnr_db: float | None = None  # numerics gate result of the chosen candidate
-    weight_bytes: tuple[int, int] | None = None  # (before, after) for rewrites that repack weights
+    weight_bytes: tuple[int, int] | None = None  # (before, packed) for rewrites that repack weights
+    # (before, after) in memory: the originals, then the packed copy plus the originals still resident. A "weight"
+    # record (one parameter or fused copy) has (bytes, bytes resident) in weight_bytes.
+    resident_bytes: tuple[int, int] | None = None
     packed: list[str] = field(default_factory=list)  # names of the parameters packed into constants
     # with symbolic rows: regime label -> {"chosen": name, "estimates_us": {candidate: us}}
     regimes: dict[str, dict] = field(default_factory=dict)
@@ -51,8 +54,9 @@ class SiteRecord:
     def from_dict(cls, d: dict) -> "SiteRecord":
         d = dict(d)
         d["candidates"] = [CandidateRecord(**c) for c in d.get("candidates", [])]
-        if d.get("weight_bytes") is not None:
-            d["weight_bytes"] = tuple(d["weight_bytes"])
+        for key in ("weight_bytes", "resident_bytes"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -85,13 +89,24 @@ class Report:
             return cls([SiteRecord.from_dict(json.loads(line)) for line in f if line.strip()])
 
     def weight_bytes(self) -> tuple[int, int]:
-        """Weight bytes (before, after) of the parameters that rewritten sites repacked, each parameter once
+        """Weight bytes (before, packed) of the parameters that rewritten sites repacked, each parameter once
         (graphs share a parameter's packed copy). A site that repacked a fused siblings' concatenation adds its
-        after only: its before is that copy, the after of the "siblings" record."""
+        after only: its before is that copy, the after of the "siblings" record. What stays in memory, originals
+        included: resident_bytes()."""
         pairs = {tuple(s.packed) or id(s): s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"}
         copies = {k for k in pairs if isinstance(k, tuple) and all(str(n).startswith(FUSED_COPY_PREFIX) for n in k)}
         before = sum(p[0] for k, p in pairs.items() if k not in copies)
         return before, sum(p[1] for p in pairs.values())
+
+    def resident_bytes(self) -> tuple[int, int]:
+        """Weight bytes in memory (before, after) for the tensors that rewritten sites packed: before, the original
+        parameters; after, every packed copy plus each original or fused copy still resident, as its latest
+        "weight" record says (Config.release_weights releases them)."""
+        latest = {s.op: s.weight_bytes for s in self.sites if s.kind == "weight"}
+        packings = {(tuple(s.packed), s.chosen): s.weight_bytes[1] for s in self.sites
+                    if s.kind == "linear" and s.status == "rewritten" and s.weight_bytes}
+        before = sum(b for name, (b, _) in latest.items() if not name.startswith(FUSED_COPY_PREFIX))
+        return before, sum(packings.values()) + sum(r for _, r in latest.values())
 
     def __str__(self) -> str:
         """A table with one row per group of identical sites (same graph, location, shape and decision)."""
@@ -122,5 +137,9 @@ class Report:
         lines.append(f"summary: {counts}")
         before, after = self.weight_bytes()
         if before:
-            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB packed")
+        if any(s.kind == "weight" for s in self.sites):  # logs written before weight records have none
+            before, after = self.resident_bytes()
+            lines.append(f"weights resident: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (packed copies and "
+                         f"the originals still resident; see the weight records)")
         return "\n".join(lines)
