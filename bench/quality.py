@@ -8,6 +8,13 @@ that is not applicable here, or not estimated faster, rewrites nothing: its row 
 (its model is the bf16 one). Config.accuracy is the mode's own (e.g. "aggressive" for ternary and 2:4),
 inner="eager" so that the figure is the rewrites' error alone, attention stays off.
 
+Before the modes run, torchfx_eff.calibrate_activations sees the --calibrate windows (8 by default: 4096 tokens) of
+the fixture that follow the measured tokens (held out), as a user of w8a8_smooth or int4 would calibrate:
+w8a8_smooth smooths with the statistics, int4 weighs its rounding error by them (--calibrate 0: none).
+
+--dither measures native-like weights instead: SmolLM2's linears come from a Q4_1 gguf, whose 4-bit grid on blocks
+of 32 along K int4 g32 lands on almost exactly (dither_off_grid); the eager row is then the dithered model.
+
 Decoding 2048 tokens a mode takes minutes; on a loaded 2-core machine run it with OMP_NUM_THREADS=1 (two
 threads that wait on each other's descheduled core ran 5x slower here).
 """
@@ -19,6 +26,7 @@ from collections import Counter
 import torch
 
 import torchfx_eff
+from torchfx_eff.calibration import ACTIVATION_STATS
 from torchfx_eff.config import ACCURACY, Config
 from torchfx_eff.kernels import implementations
 from torchfx_eff.text import perplexity, prose, window_nll
@@ -102,17 +110,46 @@ def _print(rows: list[dict]) -> None:
               f"{why[:200]}")
 
 
+@torch.no_grad()
+def dither_off_grid(model, block: int = 32) -> list[str]:
+    """Move the linear weights that sit on a 4-bit grid of `block`-weight blocks along K (SmolLM2's, from a Q4_1
+    gguf) off it, by a uniform dither of one grid step: native-like weights (no grid for int4 g32 to land on), at
+    the cost of a noisier model. Returns the names of the weights dithered."""
+    g, dithered = torch.Generator().manual_seed(0), []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, torch.nn.Linear) or w.shape[1] % block:
+            continue
+        b = w.float().reshape(w.shape[0], -1, block)
+        levels = 1 + (b.sort(-1).values.diff(dim=-1) != 0).sum(-1)
+        if bool((levels <= 16).all()):
+            step = (b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)) / 15
+            w.copy_((b + (torch.rand(b.shape, generator=g) - 0.5) * step).reshape(w.shape))
+            dithered.append(name)
+    return dithered
+
+
 def cpu_quality(args) -> list[dict]:
     from torchfx_eff.models import load_smollm2
 
     model, tok = load_smollm2(torch.bfloat16)
-    ids = torch.tensor(tok(prose(), verbose=False)["input_ids"][: WINDOW * WINDOWS])
+    dithered = dither_off_grid(model) if args.dither else []
+    tokens = torch.tensor(tok(prose(), verbose=False)["input_ids"])
+    ids = tokens[: WINDOW * WINDOWS]
     start = time.perf_counter()
-    base, tokens = perplexity(model, model.config, ids, WINDOW)
-    rows = [_row("eager bf16", base, base, seconds=time.perf_counter() - start, tokens_predicted=tokens,
-                 fixture="Lee corpus background (gensim 4.4.0 test data), first tokens", window=WINDOW)]
+    base, predicted = perplexity(model, model.config, ids, WINDOW)
+    seconds = time.perf_counter() - start
+    calibration = tokens[len(ids):][: WINDOW * args.calibrate].view(-1, WINDOW)
+    ACTIVATION_STATS.clear()
+    if len(calibration):
+        torchfx_eff.calibrate_activations(model, [w[None] for w in calibration], progress=False)
+    rows = [_row("eager bf16", base, base, seconds=seconds, tokens_predicted=predicted,
+                 fixture="Lee corpus background (gensim 4.4.0 test data), first tokens", window=WINDOW,
+                 calibration_tokens=calibration.numel(), dithered_off_grid=len(dithered))]
     modes = [i.name for i in implementations("linear") if i.replace is not None]
-    for mode in modes:
+    for mode in args.modes.split(",") if args.modes else modes:
+        if mode not in modes:
+            raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
         rows.append(measure(model, ids, mode, base))
         print(f"{mode}: {rows[-1]['value']}", flush=True)
     _print(rows)

@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="kernels,e2e", help="GPU suites: kernels, e2e or both")
+    parser.add_argument("--modes", default="", help="cpu_quality: comma-separated linear modes (default: all)")
+    parser.add_argument("--calibrate", type=int, default=8,
+                        help="cpu_quality: held-out windows of text to calibrate activations on (0: none)")
+    parser.add_argument("--dither", action="store_true",
+                        help="cpu_quality: move SmolLM2's linears off their 4-bit grid first (native-like weights)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 

@@ -14,7 +14,13 @@ from helpers import (
 )
 
 import torchfx_eff
-from torchfx_eff.calibration import ACTIVATION_STATS
+from torchfx_eff.calibration import (
+    ACTIVATION_STATS,
+    MIN_EXAMPLE_ROWS,
+    SAMPLE_ROWS,
+    Activations,
+    site_activations,
+)
 from torchfx_eff.kernels import w8a8_smooth
 from torchfx_eff.kernels.fp8 import E4M3, fp8_linear, fp8_scaled_mm_linear
 from torchfx_eff.kernels.quant_gemm import QMAX, quantize_rows, scaled_mm
@@ -225,8 +231,8 @@ def test_rewrite_smooths_with_calibrated_statistics(monkeypatch):
     torchfx_eff.calibrate_activations(model, batches, progress=False)
     first, second = (_input_absmax_by_hooks(model, ids) for ids in batches)
     calibrated = [torch.maximum(first[w], second[w]) for w in first]
-    real_pack, packed = w8a8_smooth.pack, []
-    monkeypatch.setattr(w8a8_smooth, "pack", lambda w, absmax: packed.append(absmax) or real_pack(w, absmax))
+    real_search, packed = w8a8_smooth.search_pack, []
+    monkeypatch.setattr(w8a8_smooth, "search_pack", lambda w, acts: packed.append(acts.absmax) or real_search(w, acts))
     ids = torch.randint(0, 128, (1, 4))
     with torch.no_grad():
         ref = model(ids).logits
@@ -247,9 +253,9 @@ def test_backend_rewrites_w8a8_sites_on_cpu_within_the_balanced_budget(monkeypat
     monkeypatch.setitem(registry._REGISTRY["linear"], "w8a8_smooth",
                         dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
     model = make_model("llama", BIG, torch.float32)
-    ids = torch.randint(0, 128, (1, w8a8_smooth.MIN_EXAMPLE_ROWS))
-    real, sources = w8a8_smooth.activation_absmax, []
-    monkeypatch.setattr(w8a8_smooth, "activation_absmax", lambda site: sources.append(real(site)[1]) or real(site))
+    ids = torch.randint(0, 128, (1, MIN_EXAMPLE_ROWS))
+    real, sources = w8a8_smooth.site_activations, []
+    monkeypatch.setattr(w8a8_smooth, "site_activations", lambda site: sources.append(real(site).source) or real(site))
     with torch.no_grad():
         ref = model(ids).logits
         out = compiled(model, linear=("w8a8_smooth",))(ids).logits
@@ -297,18 +303,71 @@ def test_statistics_come_from_calibration_or_an_example_with_enough_rows():
                           dims={}, x=None if rows is None else torch.randn(rows, 64), weight=w, weight_name="w")
 
     with pytest.raises(ValueError, match="calibrate_activations"):
-        w8a8_smooth.activation_absmax(site(None))
-    few, enough = site(w8a8_smooth.MIN_EXAMPLE_ROWS - 1), site(w8a8_smooth.MIN_EXAMPLE_ROWS)
-    absmax, source = w8a8_smooth.activation_absmax(few)
-    assert source == "plain" and torch.equal(absmax, torch.zeros(64))
-    assert torch.equal(smoothing_factors(absmax, w), torch.ones(64))  # no statistics: no smoothing
-    absmax, source = w8a8_smooth.activation_absmax(enough)
-    assert source == "example" and torch.equal(absmax, enough.x.abs().amax(dim=0))
+        site_activations(site(None))
+    few, enough = site(MIN_EXAMPLE_ROWS - 1), site(MIN_EXAMPLE_ROWS)
+    assert site_activations(few) is None  # no statistics: w8a8_smooth packs without smoothing
+    acts = site_activations(enough)
+    assert acts.source == "example" and torch.equal(acts.absmax, enough.x.abs().amax(dim=0))
+    torch.testing.assert_close(acts.mean_square, enough.x.double().square().mean(dim=0).float())
+    assert torch.equal(acts.sample.sort(dim=0).values, enough.x.sort(dim=0).values)  # every row, in some order
     torchfx_eff.calibrate_activations(torch.nn.Linear(64, 32), [torch.randn(3, 64)], progress=False)  # another weight
-    assert w8a8_smooth.activation_absmax(few)[1] == "plain"
+    assert site_activations(few) is None
     ACTIVATION_STATS.record(w, torch.full((2, 64), 3.0), "text")
-    absmax, source = w8a8_smooth.activation_absmax(few)
-    assert source.startswith("calibrated") and torch.equal(absmax, torch.full((64,), 3.0))
+    acts = site_activations(few)
+    assert acts.source.startswith("calibrated") and torch.equal(acts.absmax, torch.full((64,), 3.0))
+    assert torch.equal(acts.mean_square, torch.full((64,), 9.0)) and torch.equal(acts.sample, torch.full((2, 64), 3.0))
+
+
+def test_calibration_keeps_a_uniform_sample_of_rows_and_pools_mean_squares():
+    """Rows from every batch reach the sample, each an actual input row; past SAMPLE_ROWS it stays that size.
+    The mean square pools every row of every modality."""
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    batches = [torch.full((100, 16), float(b)) + torch.arange(16) / 100 for b in range(10)]  # row b: batch b
+    for b in batches[:5]:
+        ACTIVATION_STATS.record(w, b, "text")
+    for b in batches[5:]:
+        ACTIVATION_STATS.record(w, b[None], "image")  # leading dims flatten
+    sample = ACTIVATION_STATS.sample(w)
+    assert sample.shape == (2 * SAMPLE_ROWS, 16)  # each modality's sample is full
+    seen = sample[:, 0].round().long()
+    assert set(seen.tolist()) == set(range(10))  # every batch is represented
+    assert bool(((seen[:SAMPLE_ROWS] < 5) & (seen[SAMPLE_ROWS:] >= 5)).all())  # text first, then image
+    assert max(torch.bincount(seen).tolist()) <= 60  # ~26 a batch: uniform, neither the first nor the last rows
+    expected = torch.cat(batches).double().square().mean(dim=0).float()
+    torch.testing.assert_close(ACTIVATION_STATS.mean_square(w), expected)
+
+
+def _packings(w, absmax):
+    return {alpha: pack(w, absmax, alpha) for alpha in w8a8_smooth.ALPHAS}
+
+
+def test_row_error_is_the_int_mm_paths_relative_error_per_row():
+    x = _outlier_activations(24, 96).float()
+    x[3] = 0.0  # a row with no output: no error
+    w = torch.randn(40, 96) * 0.05
+    packed = pack(w, x.abs().amax(dim=0), 0.7)
+    out, ref = w8a8_linear(x, *packed, None).double(), x.double() @ w.double().T
+    per_row = (out - ref).square().sum(-1) / ref.square().sum(-1).clamp(min=1e-300)
+    assert w8a8_smooth.row_error(x, w, packed) == pytest.approx(per_row.mean().item(), rel=1e-4)
+
+
+def test_alpha_search_takes_the_packing_with_the_least_row_error_and_it_carries_to_new_rows():
+    """Chosen on sample rows, the alpha beats SmoothQuant's default 1/2 on other rows of the same distribution.
+    Channels of log-normal scales, and a few channels massive on one token in 20 (as attention sinks make them):
+    their max |x| overstates a typical token's, and a weaker migration pays (on i.i.d. outlier channels, 1/2 wins)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g) * torch.exp(1.5 * torch.randn(256, generator=g))
+    x[::20, :4] *= 100
+    sample, held_out = x[:128], x[128:]
+    w = torch.randn(128, 256, generator=g) * 0.05
+    acts = Activations(x.abs().amax(dim=0), x.square().mean(dim=0), sample, "test")
+    chosen = w8a8_smooth.search_pack(w, acts)
+    errors = {a: w8a8_smooth.row_error(sample, w, p) for a, p in _packings(w, acts.absmax).items()}
+    best = min(errors, key=errors.get)
+    assert all(torch.equal(c, b) for c, b in zip(chosen, _packings(w, acts.absmax)[best]))
+    assert best != 0.5 and errors[best] < errors[0.5]
+    default = pack(w, acts.absmax, 0.5)
+    assert w8a8_smooth.row_error(held_out, w, chosen) < w8a8_smooth.row_error(held_out, w, default)
 
 
 @pytest.mark.parametrize("name", ["fp8_scaled_mm", "fp8", "w8a8_smooth"])
