@@ -129,8 +129,9 @@ def site_activations(site) -> Activations | None:
     where plain per-token int8 gives 37, on an MLP's second linear; 16 tokens: 35 dB), and the gate, which runs on
     that same example, cannot see it."""
     w = site.weight
-    if ACTIVATION_STATS.absmax(w) is not None:
-        return Activations(ACTIVATION_STATS.absmax(w), ACTIVATION_STATS.mean_square(w), ACTIVATION_STATS.sample(w),
+    absmax = ACTIVATION_STATS.absmax(w)
+    if absmax is not None:
+        return Activations(absmax, ACTIVATION_STATS.mean_square(w), ACTIVATION_STATS.sample(w),
                            f"calibrated{ACTIVATION_STATS.generation}")
     x = site.x if isinstance(site.x, torch.Tensor) else site.inputs.get(site.x)  # a real tensor stands for itself
     if x is None:
