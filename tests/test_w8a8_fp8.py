@@ -337,21 +337,18 @@ def test_calibration_keeps_a_uniform_sample_of_rows_and_pools_mean_squares():
     torch.testing.assert_close(ACTIVATION_STATS.mean_square(w), expected)
 
 
-def _packings(w, absmax):
-    return {alpha: pack(w, absmax, alpha) for alpha in w8a8_smooth.ALPHAS}
-
-
 def test_row_error_is_the_int_mm_paths_relative_error_per_row():
     x = _outlier_activations(24, 96).float()
     x[3] = 0.0  # a row with no output: no error
     w = torch.randn(40, 96) * 0.05
-    packed = pack(w, x.abs().amax(dim=0), 0.7)
-    out, ref = w8a8_linear(x, *packed, None).double(), x.double() @ w.double().T
+    q, scales, inv_s = pack(w, x.abs().amax(dim=0), 0.7)
+    out, ref = w8a8_linear(x, q, scales, inv_s, None).double(), x.double() @ w.double().T
     per_row = (out - ref).square().sum(-1) / ref.square().sum(-1).clamp(min=1e-300)
-    assert w8a8_smooth.row_error(x, w, packed) == pytest.approx(per_row.mean().item(), rel=1e-4)
+    assert w8a8_smooth.row_error(x, ref.float(), w, inv_s) == pytest.approx(per_row.mean().item(), rel=1e-4)
 
 
-def test_alpha_search_takes_the_packing_with_the_least_row_error_and_it_carries_to_new_rows():
+@pytest.mark.parametrize("N", [128, 1024])  # 1024: ranked on SEARCH_CHANNELS of them
+def test_alpha_search_takes_the_alpha_with_the_least_row_error_and_it_carries_to_new_rows(N):
     """Chosen on sample rows, the alpha beats SmoothQuant's default 1/2 on other rows of the same distribution.
     Channels of log-normal scales, and a few channels massive on one token in 20 (as attention sinks make them):
     their max |x| overstates a typical token's, and a weaker migration pays (on i.i.d. outlier channels, 1/2 wins)."""
@@ -359,15 +356,18 @@ def test_alpha_search_takes_the_packing_with_the_least_row_error_and_it_carries_
     x = torch.randn(512, 256, generator=g) * torch.exp(1.5 * torch.randn(256, generator=g))
     x[::20, :4] *= 100
     sample, held_out = x[:128], x[128:]
-    w = torch.randn(128, 256, generator=g) * 0.05
+    w = torch.randn(N, 256, generator=g) * 0.05
     acts = Activations(x.abs().amax(dim=0), x.square().mean(dim=0), sample, "test")
-    chosen = w8a8_smooth.search_pack(w, acts)
-    errors = {a: w8a8_smooth.row_error(sample, w, p) for a, p in _packings(w, acts.absmax).items()}
+
+    def error(rows, alpha):  # over every channel
+        return w8a8_smooth.row_error(rows, rows @ w.T, w, 1 / smoothing_factors(acts.absmax, w, alpha))
+
+    errors = {alpha: error(sample, alpha) for alpha in w8a8_smooth.ALPHAS}
     best = min(errors, key=errors.get)
-    assert all(torch.equal(c, b) for c, b in zip(chosen, _packings(w, acts.absmax)[best]))
     assert best != 0.5 and errors[best] < errors[0.5]
-    default = pack(w, acts.absmax, 0.5)
-    assert w8a8_smooth.row_error(held_out, w, chosen) < w8a8_smooth.row_error(held_out, w, default)
+    chosen = w8a8_smooth.search_pack(w, acts)
+    assert all(torch.equal(c, b) for c, b in zip(chosen, pack(w, acts.absmax, best)))
+    assert error(held_out, best) < error(held_out, 0.5)
 
 
 @pytest.mark.parametrize("name", ["fp8_scaled_mm", "fp8", "w8a8_smooth"])
