@@ -15,7 +15,7 @@ by the error on the statistics' sample rows (SmoothQuant's alpha search: the bes
 between a model's layers). Smoothing is exact in any case and the quantization is dynamic, so statistics that miss
 a channel's range never clip; they cost accuracy, which the gate sees only on its example.
 
-SmolLM2-135M (bench cpu_quality): +1.05% perplexity calibrated on 4096 held-out tokens, 421 of 422 sites within
+SmolLM2-135M (bench cpu_quality): +1.30% perplexity calibrated on 4096 held-out tokens, 421 of 422 sites within
 the 20 dB gate (uncalibrated, its decode graphs' one-row examples give no statistics: plain per-token int8, +2.47%).
 
 Kernels: on CPU, ATen's `_int_mm` (int32 result) with the dequantization in ATen ops; on CUDA, the Triton GEMM
