@@ -15,6 +15,8 @@ import torchfx_eff
 from torchfx_eff.kernels import triton_flash
 from torchfx_eff.kernels.triton_flash import flash_attention
 
+from models import llama
+
 SHAPES = [(4, 32, 4096, 128), (1, 32, 16384, 128), (16, 16, 1024, 64)]  # (B, H, L, D)
 DECODE = [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]  # (B, H, Hkv, Lk, D), one query
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -123,19 +125,9 @@ def kernels() -> list[dict]:
     return rows
 
 
-def _llama_1b():
-    import transformers as T
-
-    config = T.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192,
-                           attn_implementation="sdpa")
-    with torch.device("cuda"):
-        return T.LlamaForCausalLM(config).to(torch.bfloat16).eval()
-
-
 def prefill(P: int = 4096) -> list[dict]:
     """Forward of a random-init 1.1B Llama (TinyLlama's shape) over P tokens: logits of the last position."""
-    model = _llama_1b()
+    model = llama(layers=22, kv_heads=4, max_positions=8192)  # TinyLlama's shape
     ids = torch.randint(0, 32000, (1, P), device="cuda")
     run = lambda m: m(ids, logits_to_keep=1).logits
     rows, outs = [], {}

@@ -3,6 +3,10 @@ against cuBLAS bf16 and ATen's int8/int4 pack matmuls, measured in the same run;
 random-init 1.1B Llama (static cache, CUDA graphs) against torch.compile max-autotune."""
 from __future__ import annotations
 
+import collections
+import json
+import subprocess
+import sys
 import time
 
 import sympy
@@ -14,11 +18,15 @@ import torchfx_eff
 from torchfx_eff import cost, kernels
 from torchfx_eff.passes.sites import LinearSite
 
+from models import llama
+
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 8192), (8192, 2048)]  # (K in, N out)
 ROWS = [1, 16, 128, 4096]
 COPY_BANDWIDTH = 3.0e12  # H100 device-to-device copy, ANCHORS.md: the GEMV targets are fractions of it
 
 
+DECODE_TIMEOUT_S = 420  # one mode's process: build, compile with autotuning, prefill, decode
+DECODE_TARGET = {"int4_weight_only": 1400.0}  # tok/s: above the bf16 bandwidth bound (1368)
 COLD_BYTES = 320 << 20  # bf16 weights cycled through per timed pass: even int4 copies overflow the 50 MB L2
 
 
@@ -112,65 +120,111 @@ def kernels_rows() -> list[dict]:
     return rows
 
 
-def _llama_1b():
-    import transformers as T
+DECODE_MODES = ("max-autotune", "int4_weight_only", "int8_weight_only")
+DECODE_ACCURACY = {"int4_weight_only": "aggressive"}  # int4's tier (SmolLM2 perplexity): under "balanced" it is kept
+PROFILED_STEPS = 8
+WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run with everything warm
 
-    config = T.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
-                           attn_implementation="sdpa")
-    with torch.device("cuda"):
-        return T.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+def _compiled(mode: str, model):
+    """The anchor is torch.compile max-autotune with our own CUDA graph capture (as for every mode here): Inductor's
+    own CUDA graphs were crashing its run-time autotuning on torch 2.11 (a segfault in the static launcher)."""
+    if mode == "max-autotune":
+        return torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+    return torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
+        torchfx_eff.Config(linear=(mode,), accuracy=DECODE_ACCURACY.get(mode, "balanced"),
+                           inner="max-autotune-no-cudagraphs", cuda_graphs="on")))
+
+
+def _kernel_us_per_step(graph) -> dict[str, float]:
+    """GPU time per decode step by kernel name (the ten largest), from a profile of PROFILED_STEPS replays."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(PROFILED_STEPS):
+            graph.replay()
+        torch.cuda.synchronize()
+    times = sorted(((e.key, e.device_time_total / PROFILED_STEPS) for e in profile.key_averages()),
+                   key=lambda kv: -kv[1])
+    return {name[:80]: round(us, 1) for name, us in times[:10]}
 
 
 @torch.no_grad()
-def _decode_tok_per_s(forward, model, prompt: int, new_tokens: int) -> tuple[float, torch.Tensor]:
+def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
+    """Batch-1 greedy decode of the 1.1B Llama (16 layers, 8 KV heads) after an eager prefill of `prompt` random
+    tokens, into a static cache: each step (forward, argmax, bookkeeping) is one CUDA graph replay."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+    model = llama(layers=16, kv_heads=8, max_positions=4096)
+    forward = _compiled(mode, model)
+    cache = StaticCache(config=model.config, max_cache_len=prompt + WARMUP_STEPS + new_tokens + PROFILED_STEPS)
     ids = torch.randint(0, 32000, (1, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    logits = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"),
-                     logits_to_keep=1).logits
-    token, tokens = logits[:, -1].argmax(-1, keepdim=True), []
+    token = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.tensor([prompt], device="cuda")
+    tokens = torch.zeros(1, WARMUP_STEPS + new_tokens + PROFILED_STEPS, dtype=torch.long, device="cuda")
+
+    def step():
+        logits = forward(input_ids=token, past_key_values=cache, cache_position=position, logits_to_keep=1).logits
+        token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        tokens.index_copy_(1, position - prompt, token)
+        position.add_(1)
+
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        for _ in range(WARMUP_STEPS - 1):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for position in range(prompt, prompt + new_tokens - 1):
-        logits = forward(input_ids=token, past_key_values=cache,
-                         cache_position=torch.tensor([position], device="cuda"), logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True).clone()
-        tokens.append(token)
+    for _ in range(new_tokens):
+        graph.replay()
     torch.cuda.synchronize()
-    return (new_tokens - 1) / (time.perf_counter() - start), torch.cat(tokens, 1)
+    tok_s = new_tokens / (time.perf_counter() - start)
+    row = {"name": f"decode 1.1B {mode}", "value": tok_s, "unit": "tok/s", "compile_s": compile_s,
+           "tokens": tokens[0, :WARMUP_STEPS + new_tokens].tolist(), "kernel_us_per_step": _kernel_us_per_step(graph)}
+    if mode != "max-autotune":
+        report = torchfx_eff.last_report()
+        kept = collections.Counter(r.reason[:120] for r in report.sites if r.kind == "linear" and r.status != "rewritten")
+        row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()),
+                   accuracy=DECODE_ACCURACY.get(mode, "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
+    return row
 
 
-def decode_rows(prompt=512, new_tokens=256, modes=("int4_weight_only", "int8_weight_only")) -> list[dict]:
-    # dynamic=False: prefill and decode each get a static graph. With automatic dynamic shapes, torch 2.11's
-    # max-autotune crashes autotuning the decode graph under CUDA graphs (a size passed where a pointer goes).
-    model = _llama_1b()
-    make = {"max-autotune": lambda: torch.compile(model, mode="max-autotune", dynamic=False)}
+def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
+    """Each mode in its own process (the same seed builds the same model), so that a crash costs one row."""
+    rows = []
     for mode in modes:
-        make[mode] = lambda mode=mode: torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
-            torchfx_eff.Config(linear=(mode,), inner="max-autotune")))
-    rows, tokens = [], {}
-    for name, build in make.items():
-        torch._dynamo.reset()
-        torchfx_eff.reset()
-        forward = build()
-        start = time.perf_counter()
-        _decode_tok_per_s(forward, model, prompt, 4)
-        compile_s = time.perf_counter() - start
-        print(f"{name}: compiled in {compile_s:.0f} s", flush=True)
-        tok_s, tokens[name] = max((_decode_tok_per_s(forward, model, prompt, new_tokens) for _ in range(2)),
-                                  key=lambda r: r[0])
-        row = {"name": f"decode 1.1B {name}", "value": tok_s, "unit": "tok/s", "compile_s": compile_s}
-        if name != "max-autotune":
-            report = torchfx_eff.last_report()
-            row.update(anchor="max-autotune", anchor_value=rows[0]["value"], ratio=tok_s / rows[0]["value"],
-                       summary=report.summary(), weight_bytes=list(report.weight_bytes()),
-                       same_tokens_as_bf16=int((tokens[name] == tokens["max-autotune"]).cumprod(1).sum()))
+        run = subprocess.run([sys.executable, __file__, mode, str(prompt), str(new_tokens)], capture_output=True,
+                             text=True, timeout=DECODE_TIMEOUT_S)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(lines[-1]) if run.returncode == 0 and lines else {
+            "name": f"decode 1.1B {mode}", "value": None, "error": f"exit {run.returncode}: {run.stderr[-2000:]}"}
+        print(f"{row['name']}: {row.get('value') or row['error'][:300]}", flush=True)
         rows.append(row)
+    anchor = rows[0]
+    for row in rows[1:]:
+        if row["value"] and anchor["value"]:
+            same = 0
+            for a, b in zip(row["tokens"], anchor["tokens"]):
+                if a != b:
+                    break
+                same += 1
+            row.update(anchor=anchor["name"], anchor_value=anchor["value"], ratio=row["value"] / anchor["value"],
+                       target=DECODE_TARGET.get(row["name"].split()[-1]), same_tokens_as_bf16=same)
     return rows
 
 
 def gpu_linear(args) -> list[dict]:
     rows = kernels_rows() if "kernels" in args.parts else []
-    return rows + (decode_rows() if "e2e" in args.parts else [])
+    modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
+    return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
+
+
+if __name__ == "__main__":  # one decode mode, in its own process: prints its row as JSON
+    print(json.dumps(decode_one(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))

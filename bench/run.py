@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+PARTS = "kernels,e2e"
 
 
 def versions() -> dict:
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="kernels,e2e", help="GPU suites: kernels, e2e or both")
-    parser.add_argument("--modes", default="", help="cpu_quality: comma-separated linear modes (default: all)")
+    parser.add_argument("--parts", default=PARTS, help="GPU suites: kernels, e2e or both (a part alone names its file)")
+    parser.add_argument("--modes", default="", help="cpu_quality, gpu_linear e2e: comma-separated linear modes (default: all)")
     parser.add_argument("--calibrate", type=int, default=8,
                         help="cpu_quality: held-out windows of text to calibrate activations on (0: none)")
     parser.add_argument("--dither", action="store_true",
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
-    path = args.out / f"{args.suite}-{slug}-{result['date'][:10]}.json"
+    parts = "" if args.parts == PARTS or not args.suite.startswith("gpu") else "-" + args.parts.replace(",", "-")
+    path = args.out / f"{args.suite}{parts}-{slug}-{result['date'][:10]}.json"
     path.write_text(json.dumps(result, indent=1))
 
     print(f"\n{args.suite} on {result['device']}, commit {result['commit'][:12]} -> {path}")

@@ -24,6 +24,7 @@ def test_defaults_are_valid_and_documented_values():
     ("inner", "aot_eager", ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")),
     ("inner", None, ("inductor", "eager")),
     ("attention", "on", ("auto", "off")),
+    ("cuda_graphs", True, ("auto", "on", "off")),
     ("linear", "yes", ("auto", "off")),
     ("device", "tpu", ("h100", "h200", "a100", "l40s", "cuda", "cpu")),
 ])

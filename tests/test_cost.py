@@ -279,18 +279,23 @@ def test_custom_op_dispatch_is_charged_to_pinned_sdpa_candidates(spec_named):
 
 
 def test_no_custom_op_dispatch_is_charged_when_inductor_replays_cuda_graphs(spec_named):
-    """Under a cudagraph mode (reduce-overhead) the graph is replayed without Python: pinned candidates lose the
-    dispatch term; under plain Inductor they pay it."""
+    """Under a cudagraph mode (reduce-overhead), or Config.cuda_graphs="on" (the caller's own capture), the graph is
+    replayed without Python: pinned candidates lose the dispatch term; under plain Inductor they pay it."""
     import dataclasses
 
     q = torch.randn(1, 2, 8, 16)
     spec = spec_named("slow_dispatch", dataclasses.replace(devices.measured_cpu(), custom_op_s=1.0))
     est = {}
-    for inner in ("inductor", "reduce-overhead"):
+    for inner, cuda_graphs in [("inductor", "auto"), ("reduce-overhead", "auto"), ("inductor", "on"),
+                               ("reduce-overhead", "off")]:
         torch._dynamo.reset()
         torchfx_eff.reset()
         with torch.no_grad():
-            compiled(torch.nn.functional.scaled_dot_product_attention, device=spec, inner=inner)(q, q, q)
+            compiled(torch.nn.functional.scaled_dot_product_attention, device=spec, inner=inner,
+                     cuda_graphs=cuda_graphs)(q, q, q)
         [s] = sites("attention")
-        est[inner] = {c.name: c.estimate_us for c in s.candidates}["sdpa_cpu"]
-    assert est["inductor"] - est["reduce-overhead"] == pytest.approx(1e6)
+        est[inner, cuda_graphs] = {c.name: c.estimate_us for c in s.candidates}["sdpa_cpu"]
+    replayed = est["reduce-overhead", "auto"]
+    assert est["inductor", "auto"] - replayed == pytest.approx(1e6)
+    assert est["inductor", "on"] == pytest.approx(replayed)  # the caller's own graphs
+    assert est["reduce-overhead", "off"] == pytest.approx(est["inductor", "auto"])

@@ -474,7 +474,8 @@ def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(mon
     assert all((s.status, s.chosen) == ("rewritten", "int8_weight_only") for s in linear), torchfx_eff.last_report()
     epilogues = [s.epilogue for s in linear if s.epilogue]
     assert epilogues.count("swiglu(silu) of the fused gate/up") == GPU_SIZES["layers"] * 2  # 1 and 16 tokens
-    assert epilogues.count("+residual") == 2 * GPU_SIZES["layers"] * 2
+    # the last layer's second residual add also takes the final norm's cast to fp32
+    assert sum(e.startswith("+residual") for e in epilogues) == 2 * GPU_SIZES["layers"] * 2
     for fused, unfused in zip(outs[True], outs[False]):
         assert sqnr_ref(unfused, fused) >= 30.0
 

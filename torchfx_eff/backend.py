@@ -137,9 +137,8 @@ class Backend:
                 records += [_missed(graph_id, m) for m in passes.match_epilogues(sites, info)]
         with stage("cost"):
             spec = cost.SPECS[config.device]() if config.device else cost.detect(_device_of(example_inputs))
-            if config.inner != "eager" and _inductor_options(config).get("triton.cudagraphs",
-                                                                          torch._inductor.config.triton.cudagraphs):
-                spec = dataclasses.replace(spec, custom_op_s=0.0)  # replayed from a CUDA graph: no Python dispatch
+            if _replayed_from_cuda_graphs(config):
+                spec = dataclasses.replace(spec, custom_op_s=0.0)  # no Python dispatches the custom ops
             plans = [(s, cost.candidates(s, spec, config)) for s in sites]
             regimes = {id(s): {label: cost.candidates(s, spec, config, hints) for label, hints in by_rows.items()}
                        for s in sites if dispatch and (by_rows := cost.regime_hints(s))}
@@ -311,6 +310,13 @@ def _dispatches(records) -> bool:
 def _inductor_options(config: Config) -> dict:
     """Inductor settings of the inner compile: those of torch.compile's mode when Config.inner names one."""
     return {} if config.inner in ("inductor", "eager") else torch._inductor.list_mode_options(config.inner)
+
+
+def _replayed_from_cuda_graphs(config: Config) -> bool:
+    if config.cuda_graphs != "auto":
+        return config.cuda_graphs == "on"
+    return config.inner != "eager" and _inductor_options(config).get("triton.cudagraphs",
+                                                                     torch._inductor.config.triton.cudagraphs)
 
 
 def _guard_packed_weights(compiled, original: fx.GraphModule, packed, graph_id: int, log_path):

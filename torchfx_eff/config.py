@@ -9,6 +9,7 @@ from typing import Union
 ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
+CUDA_GRAPHS = ("auto", "on", "off")
 BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues", "release_weights")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
@@ -36,6 +37,9 @@ class Config:
     attention, linear: "auto" (cost model chooses), "off", or a tuple of allowed candidate names.
     accuracy: per-site error budget, checked by the numerics gate.
     inner: compiler for the rewritten graph: Inductor (optionally in one of torch.compile's modes) or eager.
+    cuda_graphs: whether the compiled graph runs replayed from CUDA graphs, where no Python dispatches a custom op
+        and the cost model leaves that term out: "auto" as the inner mode sets Inductor's CUDA graphs, "on" when the
+        caller captures graphs of its own (as a static-cache decode loop does), "off" never.
     calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
     fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
@@ -55,6 +59,7 @@ class Config:
     linear: FamilyChoice = "auto"
     accuracy: str = "balanced"
     inner: str = "inductor"
+    cuda_graphs: str = "auto"
     calibrate: bool = False
     strict: bool = False
     fuse_siblings: bool = False
@@ -69,6 +74,7 @@ class Config:
         set_("linear", _family("linear", self.linear))
         _choice("accuracy", self.accuracy, ACCURACY)
         _choice("inner", self.inner, INNER)
+        _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
         for field in BOOLEANS:
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Config.{field}={getattr(self, field)!r} is not allowed; use True or False")

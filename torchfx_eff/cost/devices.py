@@ -48,11 +48,11 @@ _HOPPER_EFFICIENCY = {
     # M=4096, weight bytes as a fraction of copy bandwidth at M=1..16. The Triton fp8 GEMM promotes its accumulator to
     # fp32 every K block, which costs it a third of _scaled_mm's rate; its int8 twin needs no promotion.
     "fp8_scaled_mm": (1.6, 0.65), "fp8_triton": (1.1, 0.75), "w8a8_triton": (1.55, 0.8),
-    # weight-only Triton kernels (int4/int8_weight_only), measured on the H100 once (bf16, N x K of 4096 x 4096,
-    # 14336 x 4096, 4096 x 14336; not yet in bench/): the GEMV (1-2 rows) reaches 0.2-0.3 (int4) / 0.3-0.5 (int8) of
-    # copy bandwidth at one row and decodes the weights again for each further row (its FLOP fraction); the GEMM
-    # reaches 0.3 (int4) / 0.4 (int8) of the bf16 rate at 2048 rows and 0.1-0.2 / 0.2-0.45 of bandwidth at 4-16
-    "int4_gemv": (0.004, 0.25), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.4), "int8_gemm": (0.4, 0.3),
+    # weight-only Triton kernels (int4/int8_weight_only) on the H100, L2-cold (bench/results/gpu_linear-*): the GEMV
+    # (1-2 rows) reaches 0.27-0.35 (int4) / 0.55-0.8 (int8) of copy bandwidth at one row and decodes the weights again
+    # for each further row (its FLOP fraction); the GEMM reaches 0.3 (int4) / 0.4 (int8) of the bf16 rate at 2048
+    # rows and 0.1-0.2 / 0.2-0.45 of bandwidth at 4-16
+    "int4_gemv": (0.004, 0.3), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.6), "int8_gemm": (0.4, 0.3),
 }
 
 
