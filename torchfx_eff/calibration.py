@@ -96,8 +96,8 @@ class ActivationStats:
                         rows[keep.to(rows.device)].cpu(), keys, gram)
         if seen is not None:
             new = _Channels(torch.maximum(seen.absmax, new.absmax), seen.square_sum + new.square_sum,
-                            seen.rows + new.rows, torch.cat([seen.sample, new.sample]), torch.cat([seen.keys, new.keys]),
-                            gram)
+                            seen.rows + new.rows, torch.cat([seen.sample, new.sample]),
+                            torch.cat([seen.keys, new.keys]), gram)
         if new.keys.numel() > SAMPLE_ROWS:
             keep = new.keys.topk(SAMPLE_ROWS, largest=False).indices
             new.sample, new.keys = new.sample[keep], new.keys[keep]
