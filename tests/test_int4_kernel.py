@@ -11,6 +11,7 @@ from helpers import WEIGHT_ONLY_PATHS, LinearStack, compiled, force_weight_only_
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchfx_eff
+from torchfx_eff import calibration
 from torchfx_eff.calibration import ACTIVATION_STATS
 from torchfx_eff.cost import DeviceSpec, formulas
 from torchfx_eff.kernels import int4_weight_only, weight_only_triton
@@ -128,6 +129,59 @@ def test_importance_steers_the_error_to_quiet_channels():
     plain, weighted = out_err(quantize_int4(w, 64)), out_err(quantize_int4(w, 64, importance))
     assert 10 * math.log10(plain / weighted) >= 1.0, (plain, weighted)
     assert weighted < plain < out_err(_min_max(w, 64))
+
+
+def _correlated_inputs(rows, K, generator):
+    """Calibration-like activations: channels mixed by a random matrix (so X^T X is far from diagonal), a few loud."""
+    mix = torch.randn(K, K, generator=generator) / K ** 0.5 + torch.eye(K)
+    x = torch.randn(rows, K, generator=generator) @ mix
+    x[:, :4] *= 10
+    return x
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_gptq_beats_rounding_on_the_same_grid(group_size):
+    """Given X^T X, GPTQ keeps the groups' grids of the searched rounding and lowers the output's error
+    ||X W^T - X Q^T|| (fp64) on held-out rows of the same distribution; codes stay in range. K = 200 is no
+    multiple of any group."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 96, 200
+    w = torch.randn(N, K, generator=g)
+    x = _correlated_inputs(4096, K, g)
+    calib, held_out = x[:2048], x[2048:].double()
+    hessian = calib.T @ calib / len(calib)
+    rounded = quantize_int4(w, group_size, hessian.diagonal())
+    codes, scales, zeros = quantize_int4(w, group_size, hessian.diagonal(), hessian)
+    assert codes.dtype == torch.uint8 and codes.shape == rounded[0].shape and int(codes.max()) <= 15
+    assert torch.equal(scales, rounded[1]) and torch.equal(zeros, rounded[2])
+    out_err = lambda q: (held_out @ (w.double() - dequantize(*q, group_size, K)).T).square().sum().item()
+    gain_db = 10 * math.log10(out_err(rounded) / out_err((codes, scales, zeros)))
+    assert gain_db >= 1.5, gain_db  # measured: 2.3 (g32), 2.7 (g64), 3.2 (g128)
+
+
+def test_gptq_leaves_dead_channels_to_plain_rounding():
+    """Channels calibration never saw (zero rows and columns of X^T X) are rounded to nearest, as without GPTQ:
+    no error spreads onto them, none from them; the others are still GPTQ's and finite."""
+    g = torch.Generator().manual_seed(4)
+    N, K = 32, 128
+    w = torch.randn(N, K, generator=g)
+    x = _correlated_inputs(1024, K, g)
+    dead = torch.tensor([5, 64, 127])
+    x[:, dead] = 0
+    hessian = x.T @ x / len(x)
+    rounded = quantize_int4(w, 64, hessian.diagonal())
+    codes, scales, zeros = quantize_int4(w, 64, hessian.diagonal(), hessian)
+    assert torch.equal(codes[:, dead], rounded[0][:, dead])
+    assert not torch.equal(codes, rounded[0]) and bool(dequantize(codes, scales, zeros, 64, K).isfinite().all())
+
+
+def test_gptq_of_a_hessian_never_calibrated_is_plain_rounding():
+    """An all-zero X^T X (every channel dead) gives the result without one, exactly."""
+    w = torch.randn(16, 100)
+    importance = torch.rand(100) + 0.1
+    plain = quantize_int4(w, 32, importance)
+    for a, b in zip(quantize_int4(w, 32, importance, torch.zeros(100, 100)), plain):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bad", [torch.ones(5), torch.zeros(64), torch.full((64,), -1.0), torch.full((64,), math.nan)])
@@ -296,9 +350,9 @@ def test_backend_rewrites_to_aten_int4_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("calibrated", [True, False])
-def test_rewrite_weighs_the_error_by_calibrated_mean_squares(calibrated, monkeypatch):
-    """Calibrated: each site's quantizer gets its input's mean x^2 over the calibration rows (computed here by
-    hooks); not calibrated, with a one-row example: no importance. Group 32 takes the same path."""
+def test_rewrite_quantizes_with_calibrated_statistics(calibrated, monkeypatch):
+    """Calibrated: each site's quantizer gets its input's mean x^2 and X^T X / rows over the calibration rows
+    (computed here by hooks); not calibrated, with a one-row example: neither. Group 32 takes the same path."""
     model = LinearStack().to(torch.bfloat16)
     batches = [torch.randn(4, 256, dtype=torch.bfloat16), torch.randn(2, 3, 256, dtype=torch.bfloat16)]
     seen = {}
@@ -313,20 +367,53 @@ def test_rewrite_weighs_the_error_by_calibrated_mean_squares(calibrated, monkeyp
     if calibrated:
         torchfx_eff.calibrate_activations(model, batches, progress=False)
     real, got = int4_weight_only.quantize_int4, []
-    monkeypatch.setattr(int4_weight_only, "quantize_int4", lambda w, g, imp=None: got.append((w.shape[1], imp)) or real(w, g, imp))
+    monkeypatch.setattr(int4_weight_only, "quantize_int4",
+                        lambda w, g, imp=None, h=None: got.append((w.shape[1], imp, h)) or real(w, g, imp, h))
     try:
         with torch.no_grad():
             compiled(model, linear=("int4_weight_only_g32",), accuracy="aggressive")(torch.randn(1, 256, dtype=torch.bfloat16))
     finally:
         ACTIVATION_STATS.clear()
     assert [s.chosen for s in sites("linear")] == ["int4_weight_only_g32"] * 2
-    assert sorted(k for k, _ in got) == [256, 512]
-    for K, importance in got:
+    assert sorted(k for k, _, _ in got) == [256, 512]
+    for K, importance, hessian in got:
         if not calibrated:
-            assert importance is None
+            assert importance is None and hessian is None
             continue
         rows = torch.cat(next(v for w, v in seen.items() if w.shape[1] == K)).double()
         torch.testing.assert_close(importance, rows.square().mean(0).float())
+        torch.testing.assert_close(hessian, (rows.T @ rows / len(rows)).float())
+
+
+def test_calibration_keeps_one_hessian_per_input(monkeypatch):
+    """Linears that read one tensor (as Q/K/V do) share one X^T X sum, over every batch and each modality's rows;
+    past MAX_HESSIAN_K none is kept."""
+    class Siblings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.out = (torch.nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x):
+            return self.out(self.q(x) * self.k(x))
+
+    model = Siblings()
+    batches = [torch.randn(2, 8, 32), torch.randn(5, 32)]
+    ACTIVATION_STATS.clear()
+    try:
+        torchfx_eff.calibrate_activations(model, batches[:1], modality="text", progress=False)
+        torchfx_eff.calibrate_activations(model, batches[1:], modality="image", progress=False)
+        grams = lambda w: [c.gram for c in ACTIVATION_STATS._channels(w)]
+        assert all(a is b for a, b in zip(grams(model.q.weight), grams(model.k.weight), strict=True))
+        assert not any(a is b for a, b in zip(grams(model.q.weight), grams(model.out.weight)))
+        rows = torch.cat([b.reshape(-1, 32) for b in batches]).double()
+        torch.testing.assert_close(ACTIVATION_STATS.hessian(model.k.weight), (rows.T @ rows / len(rows)).float())
+        monkeypatch.setattr(calibration, "MAX_HESSIAN_K", 16)
+        ACTIVATION_STATS.clear()
+        torchfx_eff.calibrate_activations(model, batches, progress=False)
+        assert ACTIVATION_STATS.hessian(model.q.weight) is None
+        assert ACTIVATION_STATS.mean_square(model.q.weight) is not None
+    finally:
+        ACTIVATION_STATS.clear()
 
 
 INT4 = ("int4_weight_only", "int4_weight_only_g32", "int4_weight_only_g128")

@@ -357,7 +357,7 @@ def test_alpha_search_takes_the_alpha_with_the_least_row_error_and_it_carries_to
     x[::20, :4] *= 100
     sample, held_out = x[:128], x[128:]
     w = torch.randn(N, 256, generator=g) * 0.05
-    acts = Activations(x.abs().amax(dim=0), x.square().mean(dim=0), sample, "test")
+    acts = Activations(x.abs().amax(dim=0), x.square().mean(dim=0), sample, "test", None)
 
     def error(rows, alpha):  # over every channel
         return w8a8_smooth.row_error(rows, rows @ w.T, w, 1 / smoothing_factors(acts.absmax, w, alpha))

@@ -1,6 +1,6 @@
 """Activation statistics for linear rewrites that fit their quantization to the inputs (w8a8_smooth, int4): per input
-channel the max |x| and the mean x^2 that each linear's input reaches over calibration batches, and a uniform sample
-of its input rows, kept per weight parameter and per modality.
+channel the max |x| and the mean x^2 that each linear's input reaches over calibration batches, a uniform sample
+of its input rows and their X^T X (for int4's GPTQ), kept per weight parameter and per modality.
 
 The model runs eagerly under a TorchFunctionMode that sees the same spellings the linear matcher takes
 (F.linear, addmm as in GPT-2's Conv1D, matmul against a parameter), so no model needs code of its own, and a
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -32,6 +34,28 @@ _SPELLINGS = {
 
 SAMPLE_ROWS = 128  # input rows kept per weight and modality: enough to rank a few packings by their error
 MIN_EXAMPLE_ROWS = 16  # fewer rows than this in a compile's example input make no statistics (see site_activations)
+# Largest K whose X^T X is kept: a K x K fp32 sum is 256 MB there. Past it (an 8B Llama's down_proj, K = 14336:
+# 820 MB a layer, 26 GB over 32) it would outweigh the model, and int4 quantizes without GPTQ.
+MAX_HESSIAN_K = 8192
+
+
+@dataclass
+class _Gram:
+    """X^T X over the rows of one input, shared by the weights that read it (Q/K/V, gate/up): one K x K sum per
+    input, not per weight."""
+
+    sum: torch.Tensor  # fp32 [K, K] on x's device
+    rows: int
+    modality: str
+    last: weakref.ref | None = None  # the input last added: siblings that read the same tensor add nothing
+
+    def add(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.last is not None and self.last() is x:
+            return
+        r = rows.float()
+        self.sum.addmm_(r.T, r)
+        self.rows += r.shape[0]
+        self.last = weakref.ref(x)
 
 
 @dataclass
@@ -41,6 +65,7 @@ class _Channels:
     rows: int
     sample: torch.Tensor  # [<= SAMPLE_ROWS, K] in x's dtype: the rows with the smallest keys, a uniform sample
     keys: torch.Tensor
+    gram: _Gram | None  # None when K > MAX_HESSIAN_K
 
 
 class ActivationStats:
@@ -49,19 +74,30 @@ class ActivationStats:
     def __init__(self):
         self._by_weight = WeakIdKeyDictionary()
         self._keys = torch.Generator().manual_seed(0)  # sampling keys: the same calls sample the same rows
+        self._last_gram: _Gram | None = None  # the sum the previous record added to, for a sibling to share
         self.generation = 0  # bumped by each calibration run: weights packed from older statistics are stale
 
     def record(self, weight: torch.Tensor, x: torch.Tensor, modality: str) -> None:
         rows = x.detach().reshape(-1, x.shape[-1])
         keys = torch.rand(rows.shape[0], generator=self._keys)
         keys, keep = keys.topk(min(SAMPLE_ROWS, len(keys)), largest=False)  # the only rows that can be sampled
-        new = _Channels(rows.abs().amax(dim=0).float().cpu(), rows.double().square().sum(dim=0).cpu(), rows.shape[0],
-                        rows[keep.to(rows.device)].cpu(), keys)
         per_modality = self._by_weight.setdefault(weight, {})
         seen = per_modality.get(modality)
+        gram = None if seen is None else seen.gram
+        if gram is None and rows.shape[1] <= MAX_HESSIAN_K:
+            last = self._last_gram
+            sibling = last is not None and last.modality == modality and last.last is not None and last.last() is x
+            gram = last if sibling else _Gram(rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float32), 0,
+                                              modality)
+        if gram is not None:
+            gram.add(x, rows)
+            self._last_gram = gram
+        new = _Channels(rows.abs().amax(dim=0).float().cpu(), rows.double().square().sum(dim=0).cpu(), rows.shape[0],
+                        rows[keep.to(rows.device)].cpu(), keys, gram)
         if seen is not None:
             new = _Channels(torch.maximum(seen.absmax, new.absmax), seen.square_sum + new.square_sum,
-                            seen.rows + new.rows, torch.cat([seen.sample, new.sample]), torch.cat([seen.keys, new.keys]))
+                            seen.rows + new.rows, torch.cat([seen.sample, new.sample]),
+                            torch.cat([seen.keys, new.keys]), gram)
         if new.keys.numel() > SAMPLE_ROWS:
             keep = new.keys.topk(SAMPLE_ROWS, largest=False).indices
             new.sample, new.keys = new.sample[keep], new.keys[keep]
@@ -87,6 +123,14 @@ class ActivationStats:
         stats = self._channels(weight)
         return (sum(c.square_sum for c in stats) / sum(c.rows for c in stats)).float() if stats else None
 
+    def hessian(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """fp32 [K, K] X^T X / rows over every calibrated row (on the weight's device), or None (uncalibrated, or K
+        above MAX_HESSIAN_K)."""
+        grams = [c.gram for c in self._channels(weight)]
+        if not grams or None in grams:
+            return None
+        return sum(g.sum for g in grams) / sum(g.rows for g in grams)
+
     def sample(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Sampled input rows [R, K] of every modality, or None."""
         stats = self._channels(weight)
@@ -94,6 +138,7 @@ class ActivationStats:
 
     def clear(self) -> None:
         self._by_weight = WeakIdKeyDictionary()
+        self._last_gram = None
         self._keys = torch.Generator().manual_seed(0)
         self.generation += 1
 
@@ -115,24 +160,28 @@ def _copied_from(weight: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass
 class Activations:
-    """What a rewrite knows of a linear site's input x: per input channel max |x| and mean x^2, and sample rows."""
+    """What a rewrite knows of a linear site's input x: per input channel max |x| and mean x^2, sample rows, and
+    X^T X / rows when calibration kept it."""
 
     absmax: torch.Tensor
     mean_square: torch.Tensor
     sample: torch.Tensor
     source: str  # "calibrated<generation>" or "example": packings from different sources differ
+    hessian: torch.Tensor | None
 
 
 def site_activations(site) -> Activations | None:
     """Calibration if the site's weight has it, else the site's example input if it has MIN_EXAMPLE_ROWS rows, else
     None. Statistics fitted to a few tokens can misfit the others badly (one decode token's smoothing factors: 21 dB
     where plain per-token int8 gives 37, on an MLP's second linear; 16 tokens: 35 dB), and the gate, which runs on
-    that same example, cannot see it."""
+    that same example, cannot see it. For the same reason an example builds no X^T X: GPTQ fits the weights to
+    exactly those rows (with fewer than K of them, H is singular but for the dampening), and the gate would
+    then measure the fit on its own training set."""
     w = site.weight
     absmax = ACTIVATION_STATS.absmax(w)
     if absmax is not None:
         return Activations(absmax, ACTIVATION_STATS.mean_square(w), ACTIVATION_STATS.sample(w),
-                           f"calibrated{ACTIVATION_STATS.generation}")
+                           f"calibrated{ACTIVATION_STATS.generation}", ACTIVATION_STATS.hessian(w))
     x = site.x if isinstance(site.x, torch.Tensor) else site.inputs.get(site.x)  # a real tensor stands for itself
     if x is None:
         raise ValueError("no activation statistics for this weight: run torchfx_eff.calibrate_activations(model, "
@@ -141,7 +190,7 @@ def site_activations(site) -> Activations | None:
     if rows.shape[0] < MIN_EXAMPLE_ROWS:
         return None
     sample = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:SAMPLE_ROWS].to(rows.device)]
-    return Activations(rows.abs().amax(dim=0).float(), rows.float().square().mean(dim=0), sample, "example")
+    return Activations(rows.abs().amax(dim=0).float(), rows.float().square().mean(dim=0), sample, "example", None)
 
 
 def _linear_operands(func, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, int] | None:
