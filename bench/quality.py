@@ -36,10 +36,11 @@ WINDOW, WINDOWS = 512, 4  # 2048 tokens of the fixture, in windows of 512 that e
 TARGET_PCT = {"int8_weight_only": 0.5, "w8a8_smooth": 2.0, "int4_weight_only": 5.0}
 
 
-def mode_config(mode: str) -> Config:
-    """Only `mode` for linears, at the loosest of the default accuracy and the one the mode needs."""
+def mode_config(mode: str, accuracy: str | None = None) -> Config:
+    """Only `mode` for linears, at `accuracy` (a site whose output misses that budget stays bf16), by default the
+    loosest of the default accuracy and the one the mode needs."""
     impl = next(i for i in implementations("linear") if i.name == mode)
-    accuracy = max(Config().accuracy, impl.accuracy, key=ACCURACY.index)
+    accuracy = accuracy or max(Config().accuracy, impl.accuracy, key=ACCURACY.index)
     return Config(linear=(mode,), attention="off", inner="eager", accuracy=accuracy)
 
 
@@ -66,10 +67,10 @@ def _row(mode: str, ppl: float, base: float, **extra) -> dict:
             "ratio": ppl / base, "delta_pct": 100 * (ppl / base - 1), **extra}
 
 
-def measure(model, ids: torch.Tensor, mode: str, base: float) -> dict:
+def measure(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | None = None) -> dict:
     """The mode's row. Two decode steps compile both graphs (empty cache, then filled); a mode that rewrote no
     linear there is not run further: its model is the bf16 one, and its row says so instead of a +0.00%."""
-    config = mode_config(mode)
+    config = mode_config(mode, accuracy)
     torch._dynamo.reset()
     torchfx_eff.reset()
     start = time.perf_counter()
@@ -150,7 +151,7 @@ def cpu_quality(args) -> list[dict]:
     for mode in args.modes.split(",") if args.modes else modes:
         if mode not in modes:
             raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
-        rows.append(measure(model, ids, mode, base))
+        rows.append(measure(model, ids, mode, base, args.accuracy))
         print(f"{mode}: {rows[-1]['value']}", flush=True)
     _print(rows)
     return rows

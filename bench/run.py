@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from torchfx_eff.config import ACCURACY
+
 RESULTS = Path(__file__).parent / "results"
 PARTS = "kernels,e2e"
 
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="", help="cpu_quality, gpu_linear e2e: comma-separated linear modes (default: all)")
     parser.add_argument("--calibrate", type=int, default=8,
                         help="cpu_quality: held-out windows of text to calibrate activations on (0: none)")
+    parser.add_argument("--accuracy", choices=ACCURACY, default=None,
+                        help="cpu_quality: every mode at this per-site budget (default: the mode's own tier)")
     parser.add_argument("--dither", action="store_true",
                         help="cpu_quality: move SmolLM2's linears off their 4-bit grid first (native-like weights)")
     parser.add_argument("--out", type=Path, default=RESULTS)
