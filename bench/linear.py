@@ -77,7 +77,8 @@ def _anchors(x, w) -> dict:
     return out
 
 
-def kernels_rows() -> list[dict]:
+def kernels_rows(modes=()) -> list[dict]:
+    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS."""
     spec = cost.detect(torch.device("cuda"))
     # Replacements that are Python functions (a prologue that quantizes x, casts) run as Inductor compiles them
     # inside the pipeline's graph; custom ops are called as they are.
@@ -92,7 +93,7 @@ def kernels_rows() -> list[dict]:
             anchors = [_anchors(x, w) for w in ws]
             times = {name: (_ms([a[name] for a in anchors]), _anchor_bytes(N, K)[name]) for name in anchors[0]}
             for impl in kernels.implementations("linear"):
-                if impl.replace is None:
+                if impl.replace is None or (modes and impl.name not in modes):
                     continue
                 if why := impl.applicable(_site(x, ws[0]), spec):
                     rows.append({"name": f"K={K} N={N} M={M} {impl.name}", "value": None, "note": why})
@@ -221,7 +222,7 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
 
 
 def gpu_linear(args) -> list[dict]:
-    rows = kernels_rows() if "kernels" in args.parts else []
+    rows = kernels_rows(tuple(filter(None, args.modes.split(",")))) if "kernels" in args.parts else []
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 

@@ -194,15 +194,15 @@ def test_pack_unpack_round_trip_and_layout():
     g = 32
     codes = torch.randint(0, 16, (3, 4 * g), dtype=torch.uint8)
     packed = pack_int4(codes, g)
-    assert packed.shape == (3, 2 * g) and packed.dtype == torch.uint8
-    for n in range(3):  # the documented layout, element by element
+    assert packed.shape == (3, 4 * g // 8) and packed.dtype == torch.int32
+    for n in range(3):  # the documented layout, nibble by nibble
         for group in range(4):
-            for j in range(g // 2):
-                lo, hi = int(codes[n, group * g + j]), int(codes[n, group * g + g // 2 + j])
-                assert int(packed[n, group * g // 2 + j]) == lo | hi << 4
+            for j in range(g // 8):
+                word = int(packed[n, group * g // 8 + j]) & 0xFFFFFFFF
+                assert [word >> (4 * i) & 15 for i in range(8)] == [int(codes[n, group * g + i * g // 8 + j]) for i in range(8)]
     assert torch.equal(unpack_int4(packed, g), codes)
     for group_size in GROUP_SIZES:
-        raw = torch.randint(0, 256, (5, 3 * group_size // 2), dtype=torch.uint8)
+        raw = torch.randint(-2 ** 31, 2 ** 31, (5, 3 * group_size // 8), dtype=torch.int32)
         assert torch.equal(pack_int4(unpack_int4(raw, group_size), group_size), raw)
 
 
@@ -211,7 +211,7 @@ def test_bad_group_size_raises(bad):
     with pytest.raises(ValueError, match=r"group_size=.* choose one of \(32, 64, 128\)"):
         quantize_int4(torch.randn(16, 64), bad)
     with pytest.raises(ValueError, match=r"group_size=.* choose one of \(32, 64, 128\)"):
-        weight_only_matmul(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8), torch.ones(16, 1),
+        weight_only_matmul(torch.randn(2, 64), torch.zeros(16, 8, dtype=torch.int32), torch.ones(16, 1),
                            torch.zeros(16, 1), None, 4, bad)
 
 

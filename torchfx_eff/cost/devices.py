@@ -49,10 +49,11 @@ _HOPPER_EFFICIENCY = {
     # fp32 every K block, which costs it a third of _scaled_mm's rate; its int8 twin needs no promotion.
     "fp8_scaled_mm": (1.6, 0.65), "fp8_triton": (1.1, 0.75), "w8a8_triton": (1.55, 0.8),
     # weight-only Triton kernels (int4/int8_weight_only) on the H100, L2-cold (bench/results/gpu_linear-*): the GEMV
-    # (1-2 rows) reaches 0.27-0.35 (int4) / 0.55-0.8 (int8) of copy bandwidth at one row and decodes the weights again
+    # (1-2 rows) reaches 0.37-0.59 (int4, at 8-64 MB matrices; 0.2-0.33 at the 2-6 MB ones of a 1.1B model) / 0.55-0.8
+    # (int8) of copy bandwidth at one row and decodes the weights again
     # for each further row (its FLOP fraction); the GEMM reaches 0.3 (int4) / 0.4 (int8) of the bf16 rate at 2048
     # rows and 0.1-0.2 / 0.2-0.45 of bandwidth at 4-16
-    "int4_gemv": (0.004, 0.3), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.6), "int8_gemm": (0.4, 0.3),
+    "int4_gemv": (0.004, 0.45), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.6), "int8_gemm": (0.4, 0.3),
 }
 
 

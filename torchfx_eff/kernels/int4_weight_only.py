@@ -160,19 +160,24 @@ def _search(w, imp):
     return scale, zero
 
 
-# Layout for the Triton kernels: in group g of size G (G / 2 bytes per channel), byte j holds weight g*G + j in its
-# low nibble and weight g*G + G/2 + j in its high nibble. A channel's bytes run along K, so one group is G/2
-# contiguous bytes per channel (one to four 16-byte vectors), and its nibbles meet two contiguous halves of x.
+# Layout for the Triton kernels: a channel's group g of size G is G / 8 int32 words; word j's nibble i (bits 4i..4i+3)
+# holds weight g*G + i*G/8 + j. The GEMV decodes a nibble with one shift and one LOP3 into a float, and the x values
+# that meet nibble i of consecutive words are contiguous.
 def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N, Kp] codes in 0..15 -> [N, Kp / 2] uint8 in the layout above."""
-    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2, group_size // 2)
-    return (c[:, :, 0] | c[:, :, 1] << 4).reshape(codes.shape[0], -1)
+    """[N, Kp] codes in 0..15 -> [N, Kp / 8] int32 in the layout above."""
+    N = codes.shape[0]
+    c = codes.to(torch.int32).reshape(N, -1, 8, group_size // 8)
+    words = c[:, :, 0]
+    for i in range(1, 8):
+        words = words | (c[:, :, i] << (4 * i))  # int32 wraps at nibble 7's top bit, as the kernel reads it
+    return words.reshape(N, -1).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The inverse of pack_int4: [N, Kp / 2] uint8 -> [N, Kp] codes."""
-    b = packed.reshape(packed.shape[0], -1, 1, group_size // 2)
-    return torch.cat([b & 15, b >> 4], dim=2).reshape(packed.shape[0], -1)
+    """The inverse of pack_int4: [N, Kp / 8] int32 -> [N, Kp] codes (uint8)."""
+    w = packed.reshape(packed.shape[0], -1, 1, group_size // 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device).reshape(1, 1, 8, 1)
+    return ((w >> shifts) & 15).to(torch.uint8).reshape(packed.shape[0], -1)
 
 
 def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,

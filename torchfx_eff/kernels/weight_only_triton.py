@@ -5,13 +5,19 @@ x's dtype for tl.dot. From DEQUANTIZE_MIN_ROWS rows on, the weights are decoded 
 multiplies: the decode pass costs ~3 bytes a weight, while the tl.dot GEMM, decoding every tile for every row
 block on CUDA cores, reaches only 0.2-0.5x of cuBLAS there.
 
-K is cut into chunks of 2 * HALF values whose weights come as two halves that meet two contiguous halves of x:
-- int8: [N, K] int8 with one scale per channel; a chunk is 2 * HALF bytes of a channel, its first and second
-  halves unscaled (the channel scale multiplies the accumulator once, at the end);
-- int4: a chunk is one quantization group in int4_weight_only's layout: HALF bytes whose low nibbles hold the
-  group's first half and high nibbles its second half, decoded with the group's scale and zero.
+K is cut into chunks whose weights come as PARTS parts of PART contiguous K values each, meeting PARTS contiguous
+runs of x:
+- int8: [N, K] int8 with one scale per channel; a chunk is 2 * INT8_HALF bytes of a channel, in two parts (the
+  channel scale multiplies the accumulator once, at the end);
+- int4: a chunk is one quantization group in int4_weight_only's layout: G / 8 int32 words whose nibble i holds the
+  group's i-th eighth, decoded with the group's scale and zero.
 A step of either kernel takes several chunks at once: the GEMV so that each thread has a few 16-byte loads in
 flight (a decode GEMV is latency-bound otherwise), the GEMM so that each tl.dot sums 64 K values.
+
+The int4 GEMV has a kernel of its own (_gemv_int4): a nibble becomes the fp32 128 + q with one shift and one LOP3
+(moved under 128.0's exponent, whose ulp is 1/65536), products sum per group unscaled, and each group's scale and
+zero apply once per channel: w = s * (128 + q) - (136 s - z). It runs ~5 SASS instructions a weight where the
+shared GEMV ran ~10-12 (sm90, counted from the compiled loop).
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its
 GEMV_MAX_ROWS = 2
 DEQUANTIZE_MIN_ROWS = 64  # H100: the tl.dot GEMM is ~0.8x cuBLAS at 16 rows, 0.2-0.5x at 128
 GROUP_SIZES = (32, 64, 128)  # int4 groups: chunks of 16..64 bytes a channel
-INT8_HALF = 64  # int8 chunks of 128 bytes a channel
+INT4_PARTS = 8  # nibbles of an int32 word: a group's eighths
+INT8_HALF = 64  # int8 chunks of 128 bytes a channel, in two parts
 GEMM_DOT_K = 64  # K values of each tl.dot in the GEMM
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -44,30 +51,36 @@ def _small_int_to_float(v, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _weight_halves(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS: tl.constexpr, HALF: tl.constexpr):
-    """Weights of channels n at K values chunk * 2 * HALF + h and + HALF (n, chunk and h broadcast together, h in
-    [0, HALF)), as fp32: int4 decoded with the chunk's scale and zero, int8 unscaled."""
+def _code(w, i: tl.constexpr, s, z):
+    """Nibble i of words w as a weight: code * s + z (z: code 0's value)."""
+    return _small_int_to_float((w >> (4 * i)) & 15, 0) * s + z
+
+
+@triton.jit
+def _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS: tl.constexpr, PART: tl.constexpr):
+    """The chunk's weights of channels n as a tuple of parts, part p at K values (chunk * PARTS + p) * PART + j
+    (n, chunk and j broadcast together, j in [0, PART)), as fp32: int4 decoded with the group's scale and zero,
+    int8 unscaled."""
     n_ok = n < N
     if BITS == 4:
-        ok = n_ok & (chunk < tl.cdiv(K, 2 * HALF))
-        b = tl.load(W + n * stride_wn + chunk * HALF + h, mask=ok, other=0)
+        ok = n_ok & (chunk < tl.cdiv(K, 8 * PART))
+        w = tl.load(W + n * stride_wn + chunk * PART + j, mask=ok, other=0)  # the group's words j
         s = tl.load(S + n * stride_sn + chunk, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(Z + n * stride_sn + chunk, mask=ok, other=0.0).to(tl.float32) - 8.0 * s  # code 0's value
-        return _small_int_to_float(b & 15, 0) * s + z, _small_int_to_float(b >> 4, 0) * s + z
-    k = chunk * 2 * HALF + h
+        return (_code(w, 0, s, z), _code(w, 1, s, z), _code(w, 2, s, z), _code(w, 3, s, z),
+                _code(w, 4, s, z), _code(w, 5, s, z), _code(w, 6, s, z), _code(w, 7, s, z))
+    k = chunk * 2 * PART + j
     ptrs = W + n * stride_wn + k
     first = tl.load(ptrs, mask=n_ok & (k < K), other=0)
-    second = tl.load(ptrs + HALF, mask=n_ok & (k + HALF < K), other=0)
+    second = tl.load(ptrs + PART, mask=n_ok & (k + PART < K), other=0)
     return _small_int_to_float(first, 128), _small_int_to_float(second, 128)
 
 
 @triton.jit
-def _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF: tl.constexpr):
-    """Rows m of x at the chunks' two halves, in x's dtype (zero beyond M and K: int4's padding meets zeros)."""
-    k = chunk * 2 * HALF + h
-    ptrs = X + m * stride_xm + k * stride_xk
-    return (tl.load(ptrs, mask=(m < M) & (k < K), other=0.0),
-            tl.load(ptrs + HALF * stride_xk, mask=(m < M) & (k + HALF < K), other=0.0))
+def _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS: tl.constexpr, PART: tl.constexpr):
+    """Rows m of x at the chunks' part p, in x's dtype (zero beyond M and K: int4's padding meets zeros)."""
+    k = (chunk * PARTS + p) * PART + j
+    return tl.load(X + m * stride_xm + k * stride_xk, mask=(m < M) & (k < K), other=0.0)
 
 
 @triton.jit
@@ -84,67 +97,127 @@ def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: 
 
 @triton.jit
 def _gemv(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
-          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
           STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row m (program axis 0, the fastest: the rows of one channel block run together and share its weights in L2)
-    times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and are
-    summed over K once, at the end."""
-    CHUNKS: tl.constexpr = STEP_BYTES // (HALF * BITS // 4)
+    """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
+    in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
+    are summed over K once, at the end."""
+    CHUNKS: tl.constexpr = STEP_BYTES // (2 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n, h = offs_n[:, None, None], tl.arange(0, HALF)[None, None, :]
-    acc = tl.zeros([BLOCK_N, CHUNKS, HALF], tl.float32)
-    for step in range(tl.cdiv(K, 2 * HALF * CHUNKS)):
+    n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
+    acc = tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32)
+    for step in range(tl.cdiv(K, 2 * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        wa, wb = _weight_halves(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, HALF)
-        xa, xb = _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF)
+        wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
+        xa = _x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART)
+        xb = _x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART)
         acc += wa * xa.to(tl.float32) + wb * xb.to(tl.float32)
     out = tl.sum(tl.sum(acc, 2), 1)[None, :]
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
+# One shift and one LOP3 a nibble: nibble i of $8 moved to bits 16..19 and OR-ed under 128.0's exponent. ptxas
+# does not merge Triton's separate AND and OR (two immediates) into one LOP3; this keeps the decode at two int ops.
+_DECODE_ASM = tl.constexpr("{ .reg .b32 t; " + " ".join(
+    f"{shift} lop3.b32 ${i}, t, 0xF0000, 0x43000000, 0xEA;" for i, shift in enumerate(
+        ["shl.b32 t, $8, 16;", "shl.b32 t, $8, 12;", "shl.b32 t, $8, 8;", "shl.b32 t, $8, 4;", "mov.b32 t, $8;",
+         "shr.u32 t, $8, 4;", "shr.u32 t, $8, 8;", "shr.u32 t, $8, 12;"])) + " }")
+
+
+@triton.jit
+def _plus_128(t, ASM: tl.constexpr):
+    """Bits 16..19 of t under 128.0's exponent: 128 + that nibble, in fp32 (the inline PTX has already done this)."""
+    return (t if ASM else (t & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibbles_plus_128(w, ASM: tl.constexpr):
+    """The 8 nibbles of int32 words w as fp32 128 + q (nibble i: bits 4i..4i+3). ASM: inline PTX (the GPU); else
+    the same bits from Triton ops (the interpreter)."""
+    if ASM:
+        v = tl.inline_asm_elementwise(_DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 8,
+                                      is_pure=True, pack=1)
+    else:
+        v = (w << 16, w << 12, w << 8, w << 4, w, w >> 4, w >> 8, w >> 12)
+    return (_plus_128(v[0], ASM), _plus_128(v[1], ASM), _plus_128(v[2], ASM), _plus_128(v[3], ASM),
+            _plus_128(v[4], ASM), _plus_128(v[5], ASM), _plus_128(v[6], ASM), _plus_128(v[7], ASM))
+
+
+@triton.jit
+def _gemv_int4(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
+               PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
+    """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
+    a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
+    (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored."""
+    GROUPS: tl.constexpr = STEP_BYTES // (4 * PART)
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.minimum(offs_n, N - 1)
+    g, j = tl.arange(0, GROUPS), tl.arange(0, PART)
+    w_ptrs = W + n[:, None, None] * stride_wn + g[None, :, None] * PART + j[None, None, :]
+    x_ptrs = X + m * stride_xm + (g[:, None] * 8 * PART + j[None, :]) * stride_xk
+    s_off = n[:, None] * stride_sn + g[None, :]
+    acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    n_groups = K // (8 * PART)
+    for step in range(tl.cdiv(n_groups, GROUPS)):
+        ok = step * GROUPS + g < n_groups
+        v = _nibbles_plus_128(tl.load(w_ptrs + step * GROUPS * PART, mask=ok[None, :, None], other=0), ASM)
+        d = tl.zeros([BLOCK_N, GROUPS, PART], tl.float32)
+        xs = tl.zeros([GROUPS, PART], tl.float32)
+        for i in tl.static_range(8):
+            x = tl.load(x_ptrs + (step * GROUPS * 8 + i) * PART * stride_xk, mask=ok[:, None], other=0.0)
+            d += v[i] * x.to(tl.float32)[None, :, :]
+            xs += x.to(tl.float32)
+        s = tl.load(S + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
+        z = tl.load(Z + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
+        acc += s * tl.sum(d, 2) - (136.0 * s - z) * tl.sum(xs, 1)[None, :]
+    out = tl.sum(acc, 1)[None, :]
+    _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, 4, HAS_BIAS, EPILOGUE)
+
+
 @triton.jit
 def _dot_chunks(acc, x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
-    """acc + x @ w^T over chunks laid side by side: x [BLOCK_M, CHUNKS, HALF], w [BLOCK_N, CHUNKS, HALF]."""
+    """acc + x @ w^T over chunks laid side by side: x [BLOCK_M, CHUNKS, PART], w [BLOCK_N, CHUNKS, PART]."""
     x2 = tl.reshape(x, [BLOCK_M, WIDTH])
     return tl.dot(x2, tl.trans(tl.reshape(w.to(x.dtype), [BLOCK_N, WIDTH])), acc)
 
 
 @triton.jit
 def _gemm(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, M_BUCKET,
-          BITS: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, CHUNKS: tl.constexpr,
+          BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, CHUNKS: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row blocks on program axis 0 (the fastest): the row blocks of one channel block share its weights in L2.
-    A step's chunks lie side by side along the dot's K, in the same order for x and the weights. fp32 x multiplies
-    as TF32 on the GPU, far below int4/int8 rounding."""
+    A step's chunks lie side by side along each part's dot K, in the same order for x and the weights. fp32 x
+    multiplies as TF32 on the GPU, far below int4/int8 rounding."""
+    PARTS: tl.constexpr = 8 if BITS == 4 else 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m, n, h = offs_m[:, None, None], offs_n[:, None, None], tl.arange(0, HALF)[None, None, :]
+    m, n, j = offs_m[:, None, None], offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for step in range(tl.cdiv(K, 2 * HALF * CHUNKS)):
+    for step in range(tl.cdiv(K, PARTS * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        wa, wb = _weight_halves(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, HALF)
-        xa, xb = _x_halves(X, m, chunk, h, M, K, stride_xm, stride_xk, HALF)
-        acc = _dot_chunks(acc, xa, wa, BLOCK_M, BLOCK_N, CHUNKS * HALF)
-        acc = _dot_chunks(acc, xb, wb, BLOCK_M, BLOCK_N, CHUNKS * HALF)
+        w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART)
+        for p in tl.static_range(PARTS):
+            x = _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS, PART)
+            acc = _dot_chunks(acc, x, w[p], BLOCK_M, BLOCK_N, CHUNKS * PART)
     _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
 def _dequantize(W, S, Z, Out, N, K, stride_wn, stride_sn, stride_on,
-                BITS: tl.constexpr, HALF: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+                BITS: tl.constexpr, PART: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The weights of BLOCK_N channels times CHUNKS chunks, decoded (and scaled) into Out [N, K] in its dtype."""
+    PARTS: tl.constexpr = 8 if BITS == 4 else 2
     n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]
     chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-    h = tl.arange(0, HALF)[None, None, :]
-    wa, wb = _weight_halves(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, HALF)
-    if BITS == 8:
-        s = tl.load(S + n * stride_sn, mask=n < N, other=0.0).to(tl.float32)
-        wa, wb = wa * s, wb * s
-    k = chunk * 2 * HALF + h
-    ptrs = Out + n * stride_on + k
-    tl.store(ptrs, wa.to(Out.dtype.element_ty), mask=(n < N) & (k < K))
-    tl.store(ptrs + HALF, wb.to(Out.dtype.element_ty), mask=(n < N) & (k + HALF < K))
+    j = tl.arange(0, PART)[None, None, :]
+    w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART)
+    s = tl.load(S + n * stride_sn, mask=n < N, other=0.0).to(tl.float32) if BITS == 8 else 1.0
+    for p in tl.static_range(PARTS):
+        k = (chunk * PARTS + p) * PART + j
+        tl.store(Out + n * stride_on + k, (w[p] * s).to(Out.dtype.element_ty), mask=(n < N) & (k < K))
 
 
 @triton.jit
@@ -161,23 +234,36 @@ def _epilogue_pass(Y, Out, E, M, N, stride_ym, stride_om, stride_em, EPILOGUE: t
 def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
                K: int, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weights in `dtype`, decoded in one pass (weight_only_matmul's layouts)."""
-    N, half = weight.shape[0], group_size // 2 if bits == 4 else INT8_HALF
+    N, (parts, part) = weight.shape[0], _parts(bits, group_size)
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
-    block_n, chunks = (64, 1) if INTERPRETING else (16, max(1, 128 // half))  # ~256 values of a channel a program
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, 2 * half * chunks))
+    block_n, chunks = (64, 1) if INTERPRETING else (16, max(1, 256 // (parts * part)))  # ~256 values of a channel a program
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, parts * part * chunks))
     _dequantize[grid](weight, scales, scales if zeros is None else zeros, out, N, K, weight.stride(0),
-                      scales.stride(0), out.stride(0), BITS=bits, HALF=half, CHUNKS=chunks, BLOCK_N=block_n)
+                      scales.stride(0), out.stride(0), BITS=bits, PART=part, CHUNKS=chunks, BLOCK_N=block_n)
     return out
+
+
+def _parts(bits: int, group_size: int) -> tuple[int, int]:
+    """(PARTS, PART) of a chunk: int4's group in eighths (the nibbles of a word), int8's 128 bytes in halves."""
+    return (8, group_size // 8) if bits == 4 else (2, INT8_HALF)
 
 
 def _prune_gemv(configs, named_args, **kwargs):
     """Accumulators of 1 to 64 fp32 registers a thread (fewer elements than threads would replicate work), blocks
     no wider than N, and at most 65535 of them (the grid's second axis)."""
-    N, half = named_args["N"], kwargs["HALF"]
-    regs = lambda c: c.kwargs["BLOCK_N"] * c.kwargs["STEP_BYTES"] * 4 // kwargs["BITS"] / (32 * c.num_warps)
-    keep = [c for c in configs if 1 <= regs(c) <= 64 and c.kwargs["STEP_BYTES"] >= half * kwargs["BITS"] // 4
+    N, part = named_args["N"], kwargs["PART"]
+    regs = lambda c: c.kwargs["BLOCK_N"] * c.kwargs["STEP_BYTES"] / (32 * c.num_warps)
+    keep = [c for c in configs if 1 <= regs(c) <= 64 and c.kwargs["STEP_BYTES"] >= 2 * part
             and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
     return keep or configs[-1:]
+
+
+def _prune_gemv_int4(configs, named_args, **kwargs):
+    """Steps no longer than a channel's whole K (the rest would be masked work), blocks no wider than N."""
+    channel_bytes, N = named_args["K"] // 2, named_args["N"]
+    keep = [c for c in configs if c.kwargs["STEP_BYTES"] <= max(4 * kwargs["PART"], triton.next_power_of_2(channel_bytes))
+            and c.kwargs["BLOCK_N"] <= max(2, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
+    return keep or configs[:1]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -189,14 +275,21 @@ def _tuned(kernel, configs, key, prune):
     return kernel if INTERPRETING else triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_KEY = ["N", "K", "BITS", "HALF", "HAS_BIAS"]
+_KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
-# of 512-1024 bytes a step, int4 4 channels of 256 bytes.
+# of 512-1024 bytes a step.
 _gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
                              for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
                                              (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
                      _KEY, _prune_gemv)
+# int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
+# groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
+# in bytes of a channel so that other group sizes keep them.
+_gemv_int4_configs = [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4), (4, 1024, 1), (8, 512, 4),
+                      (8, 512, 2), (2, 1024, 4), (4, 512, 1)]
+_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
+                                         for n, b, w in _gemv_int4_configs], ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                              for m, n, w, s in [(16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
                                                 (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
@@ -207,7 +300,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                        bias: torch.Tensor | None, bits: int, group_size: int, epilogue: str = "",
                        operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias), then the epilogue (codegen.epilogue's spec, reading operand), in out_dtype (x's by
-    default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 2] uint8 in
+    default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 8] int32 in
     int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale + zero in each group. The
     GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from DEQUANTIZE_MIN_ROWS
     rows (and the epilogue in a pass of its own there)."""
@@ -229,18 +322,24 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                                                                 EPILOGUE=store, BLOCK_M=32, BLOCK_N=64)
         return out.reshape(shape)
     if M and N:
-        half = group_size // 2 if bits == 4 else INT8_HALF
+        parts, part = _parts(bits, group_size)
+        if bits == 4 and M <= GEMV_MAX_ROWS and K % group_size:
+            x2, K = F.pad(x2, (0, -K % group_size)), K - K % group_size + group_size  # the GEMV reads whole groups
         args = (x2, weight, scales, scales if zeros is None else zeros, out if bias is None else bias, out, e, M, N, K,
                 *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0), stride_em)
-        flags = {"BITS": bits, "HALF": half, "HAS_BIAS": bias is not None, "EPILOGUE": store}
-        if M <= GEMV_MAX_ROWS:
+        flags = {"PART": part, "HAS_BIAS": bias is not None, "EPILOGUE": store}
+        gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
+        if M <= GEMV_MAX_ROWS and bits == 4:
+            block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
+            _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=not INTERPRETING, **block)
+        elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
-            _gemv_tuned[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](*args, **flags, **block)
+            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **block)
         else:
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-            _gemm_tuned[grid](*args, min(triton.next_power_of_2(M), 4096), **flags,
-                              CHUNKS=max(1, GEMM_DOT_K // half), **block)
+            _gemm_tuned[grid](*args, min(triton.next_power_of_2(M), 4096), BITS=bits, **flags,
+                              CHUNKS=max(1, GEMM_DOT_K // part), **block)
     return out.reshape(shape)
 
 
