@@ -431,6 +431,10 @@ to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "STEP_BYTES": 256, "BLOCK_N":
                                            "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
                                            "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
+to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {**flags, "BITS": 4, "PART": 8, "CHUNKS": 8, "BLOCK_M": 16,
+         "BLOCK_N": 64, "EPILOGUE": codegen.epilogue("")})
+to_cubin(wt._dequantize, {**ints, "W": "*i32", "S": "*bf16", "Z": "*bf16", "Out": "*bf16", "stride_on": "i32"},
+         {"BITS": 4, "PART": 8, "CHUNKS": 4, "BLOCK_N": 16})
 to_cubin(wt._gemv_int4, {**ints, **pointers, "W": "*i32"}, {"PART": 8, "HAS_BIAS": False, "ASM": True, "BLOCK_N": 8,
          "STEP_BYTES": 1024, "EPILOGUE": codegen.epilogue("add")})  # the inline PTX decode, assembled for sm90
 to_cubin(wt._epilogue_pass, {**ints, "Y": "*bf16", "Out": "*bf16", "E": "*fp32", "stride_ym": "i32"},

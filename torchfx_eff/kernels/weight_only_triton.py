@@ -69,11 +69,12 @@ def _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS: tl.con
         z = tl.load(Z + n * stride_sn + chunk, mask=ok, other=0.0).to(tl.float32) - 8.0 * s  # code 0's value
         return (_code(w, 0, s, z), _code(w, 1, s, z), _code(w, 2, s, z), _code(w, 3, s, z),
                 _code(w, 4, s, z), _code(w, 5, s, z), _code(w, 6, s, z), _code(w, 7, s, z))
-    k = chunk * 2 * PART + j
-    ptrs = W + n * stride_wn + k
-    first = tl.load(ptrs, mask=n_ok & (k < K), other=0)
-    second = tl.load(ptrs + PART, mask=n_ok & (k + PART < K), other=0)
-    return _small_int_to_float(first, 128), _small_int_to_float(second, 128)
+    else:  # compiled Triton needs one return per static branch
+        k = chunk * 2 * PART + j
+        ptrs = W + n * stride_wn + k
+        first = tl.load(ptrs, mask=n_ok & (k < K), other=0)
+        second = tl.load(ptrs + PART, mask=n_ok & (k + PART < K), other=0)
+        return _small_int_to_float(first, 128), _small_int_to_float(second, 128)
 
 
 @triton.jit
