@@ -235,7 +235,7 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
                            sources={site.weight_name: site.weight})
 
     return Implementation(name, "linear", lambda site, spec: wt.applicable(site, _aten_refusal(site)), cost, replace,
-                          accuracy=accuracy, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site))
+                          accuracy=accuracy, weight_bits=4, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site))
 
 
 # All three stay "aggressive": per-site budgets compound, and on SmolLM2 (bench cpu_quality, calibrated, GPTQ)
