@@ -96,10 +96,12 @@ def sqnr_ref(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def compiled(model, **config):
-    """torch.compile with the torchfx_eff backend; inner='eager' and linear=("int8_weight_only",) unless said
-    otherwise: the pipeline tests follow one lossy linear candidate (each other candidate has its own tests)."""
+    """torch.compile with the torchfx_eff backend; inner='eager', linear=("int8_weight_only",) and
+    output_linear_8bit=False unless said otherwise: the pipeline tests follow one lossy linear candidate (each other
+    candidate has its own tests) on every linear, the graph's output one too (test_int4_kernel tests that rule)."""
     config.setdefault("inner", "eager")
     config.setdefault("linear", ("int8_weight_only",))
+    config.setdefault("output_linear_8bit", False)
     return torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(**config)))
 
 

@@ -435,6 +435,42 @@ def test_int4_needs_aggressive_accuracy():
     assert all(s.chosen == "int4_weight_only_g128" for s in sites("linear")), [s.reason for s in sites("linear")]
 
 
+class HiddenAndLogits(torch.nn.Module):
+    """An inner linear whose value the graph returns beside the logits, and an output linear (the LM head) whose
+    value reaches the output through a reshape and a cast."""
+
+    def __init__(self, k=256, n=512):
+        super().__init__()
+        self.inner = torch.nn.Linear(k, n)
+        self.head = torch.nn.Linear(n, k)
+
+    def forward(self, x):
+        hidden = self.inner(x)
+        return hidden, self.head(torch.nn.functional.gelu(hidden)).reshape(-1, self.head.out_features).float()
+
+
+@pytest.mark.parametrize("fallback", [("int8_weight_only",), ()], ids=["int8", "none"])
+def test_output_linear_keeps_8bit_weights(fallback):
+    """Sub-8-bit candidates refuse the graph's output linear, which takes the next candidate (int8, or bf16 when no
+    other is allowed), and the report says why; the inner linear, though one of the graph's outputs, is quantized."""
+    model = HiddenAndLogits().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled(model, linear=INT4 + fallback, accuracy="aggressive", output_linear_8bit=True)(x)
+    inner, head = sorted(sites("linear"), key=lambda s: s.hints["K"])
+    assert inner.status == "rewritten" and inner.chosen in INT4, inner.reason
+    assert head.chosen == (fallback[0] if fallback else "original"), head.reason
+    for c in head.candidates:
+        if c.name in INT4:
+            assert not c.applicable and c.reason.startswith("the graph's output linear keeps >= 8-bit weights"), c
+    assert "the graph's output linear keeps >= 8-bit weights" in torchfx_eff.last_report().to_json()
+    torch._dynamo.reset()
+    torchfx_eff.reset()
+    with torch.no_grad():
+        compiled(model, linear=INT4 + fallback, accuracy="aggressive", output_linear_8bit=False)(x)
+    assert all(s.chosen in INT4 for s in sites("linear")), sites("linear")
+
+
 @pytest.mark.parametrize("rows", [1, 24], ids=["gemv", "gemm"])
 def test_backend_runs_the_triton_kernels_through_the_interpreter(rows, monkeypatch):
     """Costed as if interpreted kernels ran at GPU speed, the Triton path wins on CPU (fp32: the interpreter's

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..config import ACCURACY, Config
 from ..kernels import Implementation, implementations
+from ..kernels.registry import keeps_output_linear
 from ..report import CandidateRecord
 from .devices import DeviceSpec
 from .formulas import epilogue, evaluate
@@ -22,7 +23,7 @@ def _refusal(impl: Implementation, site, spec: DeviceSpec, config: Config) -> st
         return f"not in Config.{site.kind}={setting}"
     if ACCURACY.index(config.accuracy) < ACCURACY.index(impl.accuracy):
         return f"needs accuracy={impl.accuracy!r} or looser (Config.accuracy={config.accuracy!r})"
-    return impl.applicable(site, spec)
+    return impl.applicable(site, spec) or (keeps_output_linear(impl, site) if config.output_linear_8bit else None)
 
 
 def candidates(site, spec: DeviceSpec, config: Config, hints: dict | None = None) -> list[tuple[Implementation, CandidateRecord]]:

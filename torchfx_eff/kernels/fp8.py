@@ -81,6 +81,6 @@ def _replacement(op):
 
 register(Implementation("fp8", "linear", _triton_applicable,
                         lambda site, spec: formulas.linear_fp8(site, spec, "fp8_triton") + spec.custom_op_s,
-                        _replacement(fp8_linear), accuracy="balanced", fuses=lambda site: True))
+                        _replacement(fp8_linear), accuracy="balanced", weight_bits=8, fuses=lambda site: True))
 register(Implementation("fp8_scaled_mm", "linear", _scaled_mm_applicable, formulas.linear_fp8,
-                        _replacement(fp8_scaled_mm_linear), accuracy="balanced"))
+                        _replacement(fp8_scaled_mm_linear), accuracy="balanced", weight_bits=8))

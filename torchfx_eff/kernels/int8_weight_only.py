@@ -71,5 +71,5 @@ def replace(site) -> Replacement:
                        sources={site.weight_name: site.weight})
 
 
-register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced",
+register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced", weight_bits=8,
                         fuses=lambda site: _on_triton(site) and wt.epilogue_rows(site)))

@@ -10,6 +10,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import codegen
 from ..config import ACCURACY
+from ..passes.linear import is_output_linear
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Implementation:
     # (site) -> where its kernel applies the site's epilogue (replace() then computes the epilogue's value): True,
     # False, or a sympy condition over the site's sizes (e.g. M < 64: above, a pass of its own applies it)
     fuses: Callable[[Any], Any] | None = None
+    # bits a stored weight takes (int4: 4, ternary: 2); None where weights keep a float dtype (2:4 keeps half of them)
+    weight_bits: int | None = None
 
     def epilogue_fused_when(self, site) -> sympy.Basic:
         fused = getattr(site, "epilogue", None) is not None and self.fuses is not None and self.fuses(site)
@@ -100,6 +103,19 @@ def implementations(kind: str) -> list[Implementation]:
 
 def names(kind: str) -> tuple[str, ...]:
     return tuple(_REGISTRY.get(kind, {}))
+
+
+OUTPUT_LINEAR_BITS = 8
+OUTPUT_LINEAR_REASON = (f"the graph's output linear keeps >= {OUTPUT_LINEAR_BITS}-bit weights (GPTQ/AWQ/llama.cpp keep the LM "
+                        "head at high precision; Config.output_linear_8bit=False quantizes it too)")
+
+
+def keeps_output_linear(impl: Implementation, site) -> str | None:
+    """Guard: a candidate of fewer than 8 bits a weight refuses the graph's output linear (an LM head, found
+    structurally by passes.linear.is_output_linear), whose error every logit carries and no later layer averages."""
+    if site.kind != "linear" or impl.weight_bits is None or impl.weight_bits >= OUTPUT_LINEAR_BITS:
+        return None
+    return OUTPUT_LINEAR_REASON if is_output_linear(site) else None
 
 
 def needs_device(site, device_type: str) -> str | None:

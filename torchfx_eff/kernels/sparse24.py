@@ -157,4 +157,4 @@ def _ternary_sparse24_replace(site) -> Replacement:
 
 
 register(Implementation("ternary_sparse24", "linear", _ternary_sparse24_applicable, _ternary_sparse24_cost,
-                        _ternary_sparse24_replace, accuracy="aggressive"))
+                        _ternary_sparse24_replace, accuracy="aggressive", weight_bits=2))

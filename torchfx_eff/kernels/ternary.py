@@ -72,4 +72,5 @@ def _replace(site) -> Replacement:
                        sources={site.weight_name: site.weight})
 
 
-register(Implementation("ternary", "linear", _applicable, _cost, _replace, accuracy="aggressive"))
+register(Implementation("ternary", "linear", _applicable, _cost, _replace, accuracy="aggressive",
+                        weight_bits=2))

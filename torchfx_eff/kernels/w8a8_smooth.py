@@ -137,5 +137,5 @@ def _on_cuda(site) -> bool:
     return site.device.type == "cuda"
 
 
-register(Implementation("w8a8_smooth", "linear", _applicable, formulas.linear_w8a8, _replace, accuracy="balanced",
+register(Implementation("w8a8_smooth", "linear", _applicable, formulas.linear_w8a8, _replace, accuracy="balanced", weight_bits=8,
                         fuses=_on_cuda))

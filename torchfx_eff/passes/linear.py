@@ -1,10 +1,13 @@
 """Linear sites: F.linear, addmm and matmul against a parameter (GPT-2's Conv1D is addmm)."""
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import torch
+import torch.fx as fx
 
+from .attention import CASTS
 from .graph import GraphInfo, bind, fake, hints_of, location, numel, sym
 from .sites import LinearSite, Miss
 
@@ -44,3 +47,51 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=bias,
             bias_param=info.parameter(bias),
         )
+
+
+# Ops through which a value reaches the graph's output unchanged but for its shape or dtype: views, reshapes,
+# slicing (getitem) and casts.
+PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "detach", *CASTS}
+PASS_THROUGH_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, operator.getitem}
+
+
+def passes_through(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in PASS_THROUGH_METHODS)
+            or (node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS))
+
+
+def feeds_output(node: fx.Node) -> bool:
+    """Whether node's value is (part of) the graph's output, directly or through pass-through ops only."""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op == "output":
+                return True
+            if passes_through(user) and user.args and user.args[0] is n:
+                frontier.append(user)
+    return False
+
+
+def read_by_a_linear(node: fx.Node) -> bool:
+    """Whether a linear (or a matmul) reads node's value, directly or downstream."""
+    frontier, seen = list(node.users), set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in SPELLINGS:
+            return True
+        frontier.extend(n.users)
+    return False
+
+
+def is_output_linear(site: LinearSite) -> bool:
+    """The graph's output linear, as an LM head is: its value is (part of) the graph's output, directly or through
+    views, reshapes and casts only, and no other linear reads it. (A linear whose value a graph returns but a later
+    linear also reads, such as a hidden state returned beside the logits, is an inner one.)"""
+    return feeds_output(site.node) and not read_by_a_linear(site.node)
