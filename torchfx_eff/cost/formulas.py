@@ -160,12 +160,12 @@ def linear_weight_only_triton(site, spec: DeviceSpec, bits: int, weight_bytes, g
     """A weight-only Triton kernel (int4/int8 weights decoded in registers) in the regime it runs in: the GEMV
     (key "int{bits}_gemv", CUDA-core FMAs) up to gemv_rows rows, the tl.dot GEMM ("int{bits}_gemm") above, and
     from dequantize_rows rows one decoding pass (read the packed weights, write them in the site's dtype) before
-    the dense matmul. Activations and output move in the site's dtype."""
+    the dense matmul ("int{bits}_decode"). Activations and output move in the site's dtype."""
     M, N, K = (site.dims[d] for d in "MNK")
     b = itemsize(site.dtype)
     flops, nbytes = 2 * M * N * K, weight_bytes + (M * K + M * N) * b
     gemv, gemm = (roofline(flops, nbytes, spec, site.dtype, f"int{bits}_{kind}") for kind in ("gemv", "gemm"))
-    decoded = roofline(0, weight_bytes + N * K * b, spec, site.dtype, "elementwise") + linear_dense(site, spec)
+    decoded = roofline(0, weight_bytes + N * K * b, spec, site.dtype, f"int{bits}_decode") + linear_dense(site, spec)
     return sympy.Piecewise((gemv, M <= gemv_rows), (gemm, M < dequantize_rows), (decoded, True))
 
 
