@@ -127,14 +127,27 @@ PROFILED_STEPS = 8
 WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run with everything warm
 
 
+# Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released).
+MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}}
+
+
+def _linear_mode(mode: str) -> tuple[str, dict]:
+    """'int4_weight_only+siblings' -> ('int4_weight_only', its Config options)."""
+    linear, *suffixes = mode.split("+")
+    if unknown := [s for s in suffixes if s not in MODE_OPTIONS]:
+        raise ValueError(f"decode mode {mode!r}: unknown suffix {unknown}; allowed: {sorted(MODE_OPTIONS)}")
+    return linear, {k: v for s in suffixes for k, v in MODE_OPTIONS[s].items()}
+
+
 def _compiled(mode: str, model):
     """The anchor is torch.compile max-autotune with our own CUDA graph capture (as for every mode here): Inductor's
     own CUDA graphs were crashing its run-time autotuning on torch 2.11 (a segfault in the static launcher)."""
     if mode == "max-autotune":
         return torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+    linear, options = _linear_mode(mode)
     return torch.compile(model, dynamic=False, backend=torchfx_eff.backend(
-        torchfx_eff.Config(linear=(mode,), accuracy=DECODE_ACCURACY.get(mode, "balanced"),
-                           inner="max-autotune-no-cudagraphs", cuda_graphs="on")))
+        torchfx_eff.Config(linear=(linear,), accuracy=DECODE_ACCURACY.get(linear, "balanced"),
+                           inner="max-autotune-no-cudagraphs", cuda_graphs="on", **options)))
 
 
 def _kernel_us_per_step(graph) -> dict[str, float]:
@@ -193,7 +206,7 @@ def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
         report = torchfx_eff.last_report()
         kept = collections.Counter(r.reason[:120] for r in report.sites if r.kind == "linear" and r.status != "rewritten")
         row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()),
-                   accuracy=DECODE_ACCURACY.get(mode, "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
+                   accuracy=DECODE_ACCURACY.get(_linear_mode(mode)[0], "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
     return row
 
 
@@ -217,12 +230,12 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
                     break
                 same += 1
             row.update(anchor=anchor["name"], anchor_value=anchor["value"], ratio=row["value"] / anchor["value"],
-                       target=DECODE_TARGET.get(row["name"].split()[-1]), same_tokens_as_bf16=same)
+                       target=DECODE_TARGET.get(_linear_mode(row["name"].split()[-1])[0]), same_tokens_as_bf16=same)
     return rows
 
 
 def gpu_linear(args) -> list[dict]:
-    rows = kernels_rows(tuple(filter(None, args.modes.split(",")))) if "kernels" in args.parts else []
+    rows = kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(",")))) if "kernels" in args.parts else []
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
