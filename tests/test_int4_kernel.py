@@ -449,6 +449,13 @@ class HiddenAndLogits(torch.nn.Module):
         return hidden, self.head(torch.nn.functional.gelu(hidden)).reshape(-1, self.head.out_features).float()
 
 
+class SoftCappedLogits(HiddenAndLogits):
+    """The head's logits soft-capped before the output (/ cap, tanh, * cap), as Gemma 2 does."""
+
+    def forward(self, x):
+        return torch.tanh(self.head(self.inner(x)) / 30.0) * 30.0
+
+
 @pytest.mark.parametrize("fallback", [("int8_weight_only",), ()], ids=["int8", "none"])
 def test_output_linear_keeps_8bit_weights(fallback):
     """Sub-8-bit candidates refuse the graph's output linear, which takes the next candidate (int8, or bf16 when no
@@ -464,11 +471,23 @@ def test_output_linear_keeps_8bit_weights(fallback):
         if c.name in INT4:
             assert not c.applicable and c.reason.startswith("the graph's output linear keeps >= 8-bit weights"), c
     assert "the graph's output linear keeps >= 8-bit weights" in torchfx_eff.last_report().to_json()
+    if not fallback:  # the text table says why the head kept its weights
+        assert f"{', '.join(INT4)}: the graph's output linear keeps" in str(torchfx_eff.last_report())
     torch._dynamo.reset()
     torchfx_eff.reset()
     with torch.no_grad():
         compiled(model, linear=INT4 + fallback, accuracy="aggressive", output_linear_8bit=False)(x)
     assert all(s.chosen in INT4 for s in sites("linear")), sites("linear")
+
+
+def test_soft_capped_head_is_the_output_linear():
+    """Elementwise maps of the head's value alone (a logit soft-cap) keep it the graph's output linear."""
+    model = SoftCappedLogits().to(torch.bfloat16)
+    with torch.no_grad():
+        compiled(model, linear=INT4 + ("int8_weight_only",), accuracy="aggressive", output_linear_8bit=True)(
+            torch.randn(1, 256, dtype=torch.bfloat16))
+    inner, head = sorted(sites("linear"), key=lambda s: s.hints["K"])
+    assert inner.chosen in INT4 and head.chosen == "int8_weight_only", (inner, head)
 
 
 @pytest.mark.parametrize("rows", [1, 24], ids=["gemv", "gemm"])

@@ -353,7 +353,12 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
 def _why_kept(cands) -> str:
     others = [r for i, r in cands if i.replace is not None and r.applicable and r.time_us is not None]
     if not others:
-        return "no applicable candidate"
+        refused: dict[str, list[str]] = {}
+        for i, r in cands:
+            if i.replace is not None and not r.applicable:
+                refused.setdefault(r.reason, []).append(r.name)
+        why = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in refused.items())
+        return f"no applicable candidate ({why})" if why else "no applicable candidate"
     best = min(others, key=lambda r: r.time_us)
     original = next(r for i, r in cands if i.replace is None)
     if original.time_us is None:

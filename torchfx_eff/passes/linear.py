@@ -49,13 +49,20 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
         )
 
 
-# Ops through which a value reaches the graph's output unchanged but for its shape or dtype: views, reshapes,
-# slicing (getitem) and casts.
+# Ops through which a value reaches the graph's output unchanged but for its shape or dtype (views, reshapes,
+# slicing, casts), or an elementwise map of it alone: a logit soft-cap (/ cap, tanh, * cap) still makes the
+# linear the graph's output linear.
 PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "detach", *CASTS}
 PASS_THROUGH_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, operator.getitem}
+ELEMENTWISE_METHODS = {"tanh", "div", "mul", "add", "sub"}
+ELEMENTWISE_FUNCTIONS = {torch.tanh, torch.div, torch.mul, torch.add, torch.sub, operator.truediv, operator.mul,
+                         operator.add, operator.sub}
 
 
 def passes_through(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS or (
+            node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS):
+        return not any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()])  # scalars only
     return ((node.op == "call_method" and node.target in PASS_THROUGH_METHODS)
             or (node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS))
 
