@@ -290,8 +290,10 @@ _gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
 # in bytes of a channel so that other group sizes keep them.
+# The three 2048-byte steps were added after the sweep, untimed (the longest it tried won; they compile for sm90
+# without spills): the autotuner times them with the rest, and they apply from K = 4096.
 _gemv_int4_configs = [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4), (4, 1024, 1), (8, 512, 4),
-                      (8, 512, 2), (2, 1024, 4), (4, 512, 1)]
+                      (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4), (4, 2048, 4), (16, 2048, 8)]
 _gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
                                          for n, b, w in _gemv_int4_configs], ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
