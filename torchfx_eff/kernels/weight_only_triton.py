@@ -32,6 +32,7 @@ from .registry import needs_dtype
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its GPU roofline
+PTX = not INTERPRETING and torch.version.hip is None  # inline PTX compiles for NVIDIA GPUs only
 # The GEMV decodes the weights again for each row: on the H100 it beats the GEMM at 1 and 2 rows, not at 4.
 GEMV_MAX_ROWS = 2
 DEQUANTIZE_MIN_ROWS = 64  # H100: the tl.dot GEMM is ~0.8x cuBLAS at 16 rows, 0.2-0.5x at 128
@@ -137,8 +138,8 @@ def _plus_128(t, ASM: tl.constexpr):
 
 @triton.jit
 def _nibbles_plus_128(w, ASM: tl.constexpr):
-    """The 8 nibbles of int32 words w as fp32 128 + q (nibble i: bits 4i..4i+3). ASM: inline PTX (the GPU); else
-    the same bits from Triton ops (the interpreter)."""
+    """The 8 nibbles of int32 words w as fp32 128 + q (nibble i: bits 4i..4i+3). ASM: inline PTX (NVIDIA); else
+    the same bits from Triton ops (the interpreter, ROCm)."""
     if ASM:
         v = tl.inline_asm_elementwise(_DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 8,
                                       is_pure=True, pack=1)
@@ -337,7 +338,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         if M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
-            _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=not INTERPRETING, **block)
+            _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
             _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **block)
