@@ -96,9 +96,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default=PARTS, help="GPU suites: kernels, e2e or both (a part alone names its file)")
-    parser.add_argument("--modes", default="", help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
-    parser.add_argument("--calibrate", type=int, default=8,
-                        help="cpu_quality: held-out windows of text to calibrate activations on (0: none)")
+    parser.add_argument("--modes", default="",
+                        help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e "
+                             "also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
+    parser.add_argument("--calibrate", type=int, default=64,
+                        help="cpu_quality: held-out windows of 512 tokens to calibrate activations on (0: none; "
+                             "8 until 2026-12-06, see bench/quality.py)")
     parser.add_argument("--accuracy", choices=ACCURACY, default=None,
                         help="cpu_quality: every mode at this per-site budget (default: the mode's own tier)")
     parser.add_argument("--dither", action="store_true",

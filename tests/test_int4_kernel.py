@@ -490,6 +490,35 @@ def test_soft_capped_head_is_the_output_linear():
     assert inner.chosen in INT4 and head.chosen == "int8_weight_only", (inner, head)
 
 
+def test_site_that_fails_the_gate_at_g64_takes_g32_before_bf16(monkeypatch):
+    """The gate falls back per site through the ranked candidates: with both groupings allowed, a g64 packing that
+    misses the budget leaves the site to g32 (ranked after it: more scale bytes), not to the original."""
+    import dataclasses
+
+    from torchfx_eff.kernels import Replacement, registry
+
+    real = registry._REGISTRY["linear"]["int4_weight_only"]
+
+    def noisy(site):  # a g64 whose output is far off: SQNR ~0 dB
+        rep = real.replace(site)
+        return Replacement(lambda *a: rep.op(*a) * -1, rep.args, rep.kwargs, rep.weight_bytes, rep.sources)
+
+    monkeypatch.setitem(registry._REGISTRY["linear"], "int4_weight_only", dataclasses.replace(real, replace=noisy))
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, linear=("int4_weight_only", "int4_weight_only_g32"), accuracy="aggressive")(x)
+    linear = sites("linear")
+    assert len(linear) == 2
+    for s in linear:
+        est = {c.name: c.estimate_us for c in s.candidates}
+        assert est["int4_weight_only"] <= est["int4_weight_only_g32"]  # g64 ranks first (ties keep registry order)
+        assert (s.status, s.chosen) == ("rewritten", "int4_weight_only_g32"), s.reason
+        assert "int4_weight_only failed the gate" in s.reason, s.reason
+    assert sqnr_ref(ref, out) >= 20.0
+
+
 @pytest.mark.parametrize("rows", [1, 24], ids=["gemv", "gemm"])
 def test_backend_runs_the_triton_kernels_through_the_interpreter(rows, monkeypatch):
     """Costed as if interpreted kernels ran at GPU speed, the Triton path wins on CPU (fp32: the interpreter's

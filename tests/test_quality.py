@@ -1,6 +1,7 @@
 """The perplexity measure of the quality bench, on tiny random models; the fixture text when its package is there."""
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,27 @@ def test_prose_is_the_pinned_lee_corpus():
     text = prose()
     assert text.startswith("Hundreds of people have been forced to vacate their homes")
     assert text.count("\n\n") == 299  # 300 articles
+
+
+def _bench_quality():
+    path = Path(__file__).parent.parent / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("calibrate", [0, 1, 3])
+def test_bench_calibration_windows_follow_the_measured_ones(calibrate):
+    tokens = torch.arange(100)
+    ids, calibration = _bench_quality().split(tokens, calibrate, window=10, windows=4)
+    assert ids.tolist() == list(range(40))
+    assert calibration.shape == (calibrate, 10)
+    assert calibration.flatten().tolist() == list(range(40, 40 + 10 * calibrate))
+    assert not set(ids.tolist()) & set(calibration.flatten().tolist())
+
+
+@pytest.mark.parametrize("length,calibrate", [(100, 7), (65, 3), (30, 0), (100, -1)])
+def test_bench_refuses_more_calibration_than_the_text_holds(length, calibrate):
+    with pytest.raises(ValueError, match="--calibrate"):
+        _bench_quality().split(torch.arange(length), calibrate, window=10, windows=4)
