@@ -12,7 +12,8 @@ runs of x:
 - int4: a chunk is one quantization group in int4_weight_only's layout: G / 8 int32 words whose nibble i holds the
   group's i-th eighth, decoded with the group's scale and zero.
 A step of either kernel takes several chunks at once: the GEMV so that each thread has a few 16-byte loads in
-flight (a decode GEMV is latency-bound otherwise), the GEMM so that each tl.dot sums 64 K values.
+flight (a decode GEMV is latency-bound otherwise), the GEMM so that each tl.dot sums GEMM_DOT_K (int8) or
+INT4_DOT_K (int4) K values.
 
 The int4 GEMV has a kernel of its own (_gemv_int4): a nibble becomes the fp32 128 + q with one shift and one LOP3
 (moved under 128.0's exponent, whose ulp is 1/65536), products sum per group unscaled, and each group's scale and
@@ -250,7 +251,7 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
 
 def _parts(bits: int, group_size: int) -> tuple[int, int]:
     """(PARTS, PART) of a chunk: int4's group in eighths (the nibbles of a word), int8's 128 bytes in halves."""
-    return (8, group_size // 8) if bits == 4 else (2, INT8_HALF)
+    return (INT4_PARTS, group_size // INT4_PARTS) if bits == 4 else (2, INT8_HALF)
 
 
 def _prune_gemv(configs, named_args, **kwargs):
