@@ -130,8 +130,9 @@ PROFILED_STEPS = 8
 WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run with everything warm
 
 
-# Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released).
-MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}}
+# Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released);
+# "+calibrate" times the applicable candidates on the real inputs instead of trusting estimates.
+MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "calibrate": {"calibrate": True}}
 
 
 def _linear_mode(mode: str) -> tuple[str, dict]:
@@ -155,14 +156,16 @@ def _compiled(mode: str, model):
 
 
 def _kernel_us_per_step(graph) -> dict[str, float]:
-    """GPU time per decode step by kernel name (the ten largest), from a profile of PROFILED_STEPS replays."""
+    """GPU time per decode step by kernel name (the twelve largest, then all kernels' sum and launch count), from a
+    profile of PROFILED_STEPS replays."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         for _ in range(PROFILED_STEPS):
             graph.replay()
         torch.cuda.synchronize()
-    times = sorted(((e.key, e.device_time_total / PROFILED_STEPS) for e in profile.key_averages()),
-                   key=lambda kv: -kv[1])
-    return {name[:80]: round(us, 1) for name, us in times[:10]}
+    events = [e for e in profile.key_averages() if e.device_time_total > 0]
+    times = sorted(((e.key, e.device_time_total / PROFILED_STEPS) for e in events), key=lambda kv: -kv[1])
+    return {**{name[:80]: round(us, 1) for name, us in times[:12]}, "all kernels": round(sum(us for _, us in times), 1),
+            "launches": sum(e.count for e in events) / PROFILED_STEPS}
 
 
 @torch.no_grad()
@@ -209,7 +212,9 @@ def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
     if mode != "max-autotune":
         report = torchfx_eff.last_report()
         kept = collections.Counter(r.reason[:120] for r in report.sites if r.kind == "linear" and r.status != "rewritten")
-        row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()),
+        chosen = collections.Counter(f"{r.kind}: {r.chosen}" + (f" + {r.epilogue}" if r.epilogue else "")
+                                     for r in report.sites if r.status == "rewritten")
+        row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()), chosen=dict(chosen),
                    accuracy=DECODE_ACCURACY.get(_linear_mode(mode)[0], "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
     return row
 
