@@ -4,6 +4,7 @@ import torch
 from helpers import (
     BIG,
     SMALL,
+    VOCAB,
     LinearStack,
     compiled,
     count_calls,
@@ -373,6 +374,24 @@ def test_calibrate_measures_caches_and_decides_by_measurement(cache_dir, monkeyp
     second = matched("linear")
     assert [[c.measured_us for c in s.candidates] for s in second] == [[c.measured_us for c in s.candidates] for s in first]
     assert [s.status for s in second] == [s.status for s in first]
+
+
+@pytest.mark.parametrize("fuse_siblings", [False, True])
+def test_calibrate_times_each_sites_original_chain(cache_dir, fuse_siblings):
+    """An attention site's original is a chain (transposes, GQA's repeat) whose inner nodes the capture does not
+    hold: calibration runs the chain itself and times it, rather than the graph falling back whole."""
+    torch.manual_seed(0)
+    model = make_model("llama", BIG, torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        out = compiled(model, calibrate=True, strict=True, fuse_siblings=fuse_siblings)(input_ids=ids).logits
+    attention = matched("attention")
+    assert attention and not sites("graph")
+    for s in attention:
+        original = next(c for c in s.candidates if c.name == "original")
+        assert original.measured_us is not None and original.measured_us > 0
+    assert sqnr_ref(ref, out) >= 20.0
 
 
 def test_graphs_share_one_packed_copy_of_a_parameter():

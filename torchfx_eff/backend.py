@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -181,9 +182,10 @@ class Backend:
                 if not rec.applicable:
                     continue
                 key = cost.site_key(spec.name, impl.name, s)
-                if calibration.get(key) is None:  # the linear alone, fused epilogue or not (nor credit, nor pass)
-                    rep = impl.replace(_unfused(s)) if impl.replace else kernels.Replacement(s.node.target, s.node.args, s.node.kwargs)
-                    calibration.put(key, cost.seconds(lambda: gate.run_replacement(rep, values[s.node]), s.device))
+                if calibration.get(key) is None:  # the site alone, fused epilogue or not (nor credit, nor pass)
+                    run = (functools.partial(gate.run_replacement, impl.replace(_unfused(s))) if impl.replace
+                           else functools.partial(gate.run_chain, s.chain))
+                    calibration.put(key, cost.seconds(lambda: run(values[s.node]), s.device))
                 rec.measured_us = calibration.get(key) * 1e6
         calibration.save()
 

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .kernels import Replacement
+from .passes.graph import call
 
 # Per-site error budgets as SQNR of the site's output, in dB. "lossless" allows only rounding-level error,
 # which depends on the dtype the model computes in.
@@ -106,6 +107,15 @@ def resolve(arg, values: dict):
 @torch.no_grad()
 def run_replacement(rep: Replacement, values: dict):
     return rep.op(*resolve(rep.args, values), **resolve(rep.kwargs, values))
+
+
+@torch.no_grad()
+def run_chain(chain: list[fx.Node], values: dict):
+    """The original chain of nodes on the values it reads from outside (capture's), as the graph runs it."""
+    env = dict(values)
+    for node in chain:
+        env[node] = call(node, env.__getitem__)
+    return env[chain[-1]]
 
 
 def check(rep: Replacement, reference: torch.Tensor, values: dict, accuracy: str) -> tuple[float, str | None]:

@@ -81,5 +81,15 @@ def bind(node: fx.Node, names: tuple[str, ...]) -> dict:
     return bound
 
 
+def call(node: fx.Node, value):
+    """node's call (function or method) on its arguments, each argument node mapped through value()."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        return fx.graph_module._get_attr(node.graph.owning_module, node.target)
+    return node.target(*args, **kwargs)
+
+
 def numel(sizes) -> sympy.Expr:
     return sympy.Mul(*[sym(s) for s in sizes])

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..report.records import FUSED_COPY_PREFIX, SiteRecord
-from .graph import GraphInfo, bind, fake, hints_of, location, numel
+from .graph import GraphInfo, bind, call, fake, hints_of, location, numel
 from .linear import SPELLINGS
 
 log = logging.getLogger("torchfx_eff")
@@ -146,10 +146,7 @@ def _run_fake(node: fx.Node, env: dict):
             raise ValueError(f"{n} has no example value")
         return n.meta.get("example_value", n.meta.get("val"))
 
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    return call(node, value)
 
 
 def _in_place(node: fx.Node) -> bool:
