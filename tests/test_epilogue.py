@@ -2,10 +2,7 @@
 scaled_mm kernels against the unfused PyTorch graph (interpreter: fp32 and fp16), the matcher's patterns and misses,
 the gate's fallback, the cost credit, and the backend end to end on a tiny Llama with the Triton path forced."""
 import dataclasses
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import sympy
@@ -16,6 +13,7 @@ from helpers import (
     WEIGHT_ONLY_PATHS,
     LinearStack,
     compiled,
+    compiles_for_sm90,
     first_output,
     force_weight_only_path,
     found_sites,
@@ -449,9 +447,4 @@ print("compiled")
 def test_generated_epilogues_compile_into_the_kernels_for_hopper(cache_dir):
     """Without a GPU Triton still compiles for one (to a cubin, with its bundled ptxas): the generated function, passed
     as a tl.constexpr, is valid compiled Triton, not only interpreted."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).parents[1], timeout=600, check=False)
-    if "compiled" not in done.stdout and ("ptxas" in done.stderr or "NVIDIA" in done.stderr):
-        pytest.skip(f"Triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
-    assert "compiled" in done.stdout, done.stderr[-3000:]
+    compiles_for_sm90(COMPILE_FOR_SM90)

@@ -7,7 +7,15 @@ import types
 import pytest
 import sympy
 import torch
-from helpers import WEIGHT_ONLY_PATHS, LinearStack, compiled, force_weight_only_path, sites, sqnr_ref
+from helpers import (
+    WEIGHT_ONLY_PATHS,
+    LinearStack,
+    compiled,
+    compiles_for_sm90,
+    force_weight_only_path,
+    sites,
+    sqnr_ref,
+)
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchfx_eff
@@ -547,3 +555,37 @@ def test_cpu_site_that_aten_refuses_needs_the_interpreter(monkeypatch):
     assert not int4.applicable and "N=40 is not a multiple of 16" in int4.reason
     down = next(s for s in sites("linear") if s.hints["N"] == 64)
     assert next(c for c in down.candidates if c.name == "int4_weight_only").applicable
+
+
+GEMM_CONFIGS_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchfx_eff import codegen
+from torchfx_eff.kernels import weight_only_triton as wt
+
+fn = wt._gemm_tuned.fn
+types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in fn.arg_names if n.startswith("stride")], "i32"),
+         "X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16"}
+# as a launch specializes them: x's unit stride to the constant 1; 16-byte aligned pointers, sizes and strides
+aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in types and n not in ("M", "M_BUCKET")}
+for bits, group_size, weight in [(4, 32, "*i32"), (4, 64, "*i32"), (4, 128, "*i32"), (8, 0, "*i8")]:
+    part = wt._parts(bits, group_size)[1]
+    for config in wt._gemm_tuned.configs:
+        constexprs = {"BITS": bits, "PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""),
+                      "CHUNKS": wt.gemm_chunks(bits, part), "stride_xk": 1, **config.kwargs}
+        signature = {n: "constexpr" if n in constexprs else {**types, "W": weight}[n] for n in fn.arg_names}
+        attrs = {k: v for k, v in aligned.items() if fn.arg_names[k[0]] not in constexprs}
+        try:
+            triton.compile(ASTSource(fn, signature, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        except Exception as e:
+            raise SystemExit(f"bits={bits} group_size={group_size} {config}: {str(e).splitlines()[0]}")
+print("compiled")
+"""
+
+
+def test_every_gemm_config_compiles_for_hopper_at_every_group_size(cache_dir):
+    """The autotuner compiles all its configs and a compiler error in one fails the call: each config, at each
+    group's dot length, must compile for sm90 (g32's dots of 16 K values did not at BLOCK_N >= 128)."""
+    compiles_for_sm90(GEMM_CONFIGS_FOR_SM90)

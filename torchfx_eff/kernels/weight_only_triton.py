@@ -40,10 +40,11 @@ DEQUANTIZE_MIN_ROWS = 64  # H100: the tl.dot GEMM is ~0.8x cuBLAS at 16 rows, 0.
 GROUP_SIZES = (32, 64, 128)  # int4 groups: chunks of 16..64 bytes a channel
 INT4_PARTS = 8  # nibbles of an int32 word: a group's eighths
 INT8_HALF = 64  # int8 chunks of 128 bytes a channel, in two parts
-GEMM_DOT_K = 64  # K values of each tl.dot in the GEMM (int8); int4's eighths are 8 dots of INT4_DOT_K
-# H100, M=16, g64: int4 dots of 16 K values ran 1.03-1.16x the byte layout's GEMM time, of 32 1.4x, of 64 1.8x (the
-# decoded eighths of a longer step spill)
-INT4_DOT_K = 16
+GEMM_DOT_K = 64  # K values of each tl.dot in the GEMM (int8); int4's eighths are 8 dots of INT4_DOT_K[PART]
+# int4, by a group's eighth (PART words). H100, M=16, g64: dots of 16 K values ran 1.03-1.16x the byte layout's GEMM
+# time, of 32 1.4x, of 64 1.8x (the decoded eighths of a longer step spill). g32's eighths of 4 words need dots of 64:
+# at 16 or 32, Triton's sm90 pipeliner rejects the word tile's shared layout at BLOCK_N >= 128 (Triton 3.6 and 3.7)
+INT4_DOT_K = {4: 64, 8: 16, 16: 16}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -264,6 +265,11 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return out
 
 
+def gemm_chunks(bits: int, part: int) -> int:
+    """Chunks a GEMM step takes: one tl.dot of GEMM_DOT_K (int8) or INT4_DOT_K[part] (int4) K values per part."""
+    return max(1, (INT4_DOT_K[part] if bits == 4 else GEMM_DOT_K) // part)
+
+
 def _parts(bits: int, group_size: int) -> tuple[int, int]:
     """(PARTS, PART) of a chunk: int4's group in eighths (the nibbles of a word), int8's 128 bytes in halves."""
     return (INT4_PARTS, group_size // INT4_PARTS) if bits == 4 else (2, INT8_HALF)
@@ -362,7 +368,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
             _gemm_tuned[grid](*args, min(triton.next_power_of_2(M), 4096), BITS=bits, **flags,
-                              CHUNKS=max(1, (INT4_DOT_K if bits == 4 else GEMM_DOT_K) // part), **block)
+                              CHUNKS=gemm_chunks(bits, part), **block)
     return out.reshape(shape)
 
 
