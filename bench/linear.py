@@ -214,7 +214,8 @@ def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
         kept = collections.Counter(r.reason[:120] for r in report.sites if r.kind == "linear" and r.status != "rewritten")
         chosen = collections.Counter(f"{r.kind}: {r.chosen}" + (f" + {r.epilogue}" if r.epilogue else "")
                                      for r in report.sites if r.status == "rewritten")
-        row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()), chosen=dict(chosen),
+        row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()),
+                   resident_bytes=list(report.resident_bytes()), chosen=dict(chosen),
                    accuracy=DECODE_ACCURACY.get(_linear_mode(mode)[0], "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
     return row
 
