@@ -131,8 +131,10 @@ WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run w
 
 
 # Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released);
-# "+calibrate" times the applicable candidates on the real inputs instead of trusting estimates.
-MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "calibrate": {"calibrate": True}}
+# "+norms" folds each RMSNorm into the linears reading it; "+calibrate" times the applicable candidates on the real
+# inputs instead of trusting estimates.
+MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "norms": {"fuse_norms": True},
+                "calibrate": {"calibrate": True}}
 
 
 def _linear_mode(mode: str) -> tuple[str, dict]:

@@ -49,7 +49,7 @@ def test_bad_family_value(field, bad):
         assert word in msg
 
 
-@pytest.mark.parametrize("field", ["calibrate", "strict", "fuse_epilogues", "output_linear_8bit"])
+@pytest.mark.parametrize("field", ["calibrate", "strict", "fuse_epilogues", "fuse_norms", "output_linear_8bit"])
 @pytest.mark.parametrize("bad", [1, 0, "true", None])
 def test_booleans_must_be_bool(field, bad):
     with pytest.raises(ValueError) as e:

@@ -297,7 +297,9 @@ def test_lowbit_linears_rewritten_under_inductor_for_decode_and_prefill(name, mo
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 0)])
 @pytest.mark.parametrize("M", [1, 5, 17, 300])
 @pytest.mark.parametrize("kernel", ["gemv", "gemm", "dequantize"])
-def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, group_size, M, kernel, monkeypatch):
+@pytest.mark.parametrize("norm", [False, True])
+def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, group_size, M, kernel, norm, monkeypatch):
+    """norm: x RMS-normalized first, folded into the kernels (fp32 reference of the normalized x)."""
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
     from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
     from torchfx_eff.kernels.weight_only_triton import weight_only_matmul
@@ -307,20 +309,25 @@ def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, grou
     w = torch.randn(N, K, device="cuda")
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    g = (torch.rand(K, device="cuda") + 0.5).to(torch.bfloat16) if norm else None
     if bits == 4:
         codes, scales, zeros = quantize_int4(w, group_size)
         deq = (codes.float().reshape(N, -1, group_size) - 8) * scales.float()[..., None] + zeros.float()[..., None]
         deq = deq.reshape(N, -1)[:, :K]
-        out = weight_only_matmul(x, pack_int4(codes, group_size), scales, zeros, bias, 4, group_size)
+        out = weight_only_matmul(x, pack_int4(codes, group_size), scales, zeros, bias, 4, group_size, norm_weight=g,
+                                 norm_eps=1e-6)
     else:
         q, scales = quantize_per_channel(w)
         deq = q.float() * scales.float()[:, None]
-        out = weight_only_matmul(x, q, scales, None, bias, 8, 0)
+        out = weight_only_matmul(x, q, scales, None, bias, 8, 0, norm_weight=g, norm_eps=1e-6)
     assert out.shape == (M, N) and out.dtype == torch.bfloat16
-    ref = x.float() @ deq.T + bias.float()
-    scale = x.float().abs() @ deq.abs().T + bias.float().abs()
-    # bf16 output rounding, and bf16 weight tiles in the GEMM: two bf16 roundings of sum |x w| + |b|
-    assert bool(((out.float() - ref).abs() <= 2 * 2.0 ** -8 * scale).all())
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6) * g.float() if norm else xf
+    ref = xf @ deq.T + bias.float()
+    scale = xf.abs() @ deq.abs().T + bias.float().abs()
+    # bf16 output rounding, and bf16 weight tiles in the GEMM: two bf16 roundings of sum |x w| + |b|; with the norm
+    # a third, of the normalized x (the GEMM's x tile, the cuBLAS path's input)
+    assert bool(((out.float() - ref).abs() <= (3 if norm else 2) * 2.0 ** -8 * scale).all())
 
 
 # Activation-quantized linears (kernels/fp8.py, w8a8_smooth.py, quant_gemm.py): the Triton 8-bit GEMM compiled for
@@ -478,6 +485,25 @@ def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(mon
     assert sum(e.startswith("+residual") for e in epilogues) == 2 * GPU_SIZES["layers"] * 2
     for fused, unfused in zip(outs[True], outs[False]):
         assert sqnr_ref(unfused, fused) >= 30.0
+
+
+def test_llama_bf16_folded_norms_under_inductor_match_the_unfolded_compile(monkeypatch):
+    """int8 weight-only on every linear (its cost divided, as above), siblings fused, with and without RMSNorms
+    folded: both norms of every layer fold at 1, 16 and 64 tokens (GEMV, GEMM, cuBLAS path); outputs within bf16
+    rounding of the unfolded compile."""
+    import dataclasses
+
+    from torchfx_eff.kernels import registry
+
+    impl = registry._REGISTRY["linear"]["int8_weight_only"]
+    monkeypatch.setitem(registry._REGISTRY["linear"], "int8_weight_only",
+                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+    outs = _llama_logits_with_and_without("fuse_norms", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
+    assert sites("graph") == [], torchfx_eff.last_report()
+    norms = sites("norm")
+    assert [s.status for s in norms] == ["rewritten"] * 2 * GPU_SIZES["layers"] * 3, [s.reason for s in norms]
+    for folded, unfolded in zip(outs[True], outs[False]):
+        assert sqnr_ref(unfolded, folded) >= 30.0
 
 
 @pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only"])

@@ -566,13 +566,15 @@ from torchfx_eff.kernels import weight_only_triton as wt
 
 fn = wt._gemm_tuned.fn
 types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in fn.arg_names if n.startswith("stride")], "i32"),
-         "X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16"}
+         "X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16", "G": "*bf16",
+         "inv_k": "fp32", "eps": "fp32"}
 # as a launch specializes them: x's unit stride to the constant 1; 16-byte aligned pointers, sizes and strides
-aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in types and n not in ("M", "M_BUCKET")}
+aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+           if n in types and n not in ("M", "M_BUCKET", "inv_k", "eps")}
 for bits, group_size, weight in [(4, 32, "*i32"), (4, 64, "*i32"), (4, 128, "*i32"), (8, 0, "*i8")]:
     part = wt._parts(bits, group_size)[1]
     for config in wt._gemm_tuned.configs:
-        constexprs = {"BITS": bits, "PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""),
+        constexprs = {"BITS": bits, "PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False,
                       "CHUNKS": wt.gemm_chunks(bits, part), "stride_xk": 1, **config.kwargs}
         signature = {n: "constexpr" if n in constexprs else {**types, "W": weight}[n] for n in fn.arg_names}
         attrs = {k: v for k, v in aligned.items() if fn.arg_names[k[0]] not in constexprs}

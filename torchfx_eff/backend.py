@@ -164,8 +164,48 @@ class Backend:
                 records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter, regimes.get(id(s))))
             else:
                 records.append(_record(graph_id, s, "kept", _why_kept(cands), cands, chosen="original"))
+        if config.fuse_norms and not blocker:
+            try:  # each fold is whole or not made: a failure here keeps the norms, not the graph's other rewrites
+                with stage("norms"):
+                    records += self._fold_norms(graph_id, work, example_inputs, rewriter)
+            except StageError as e:
+                if config.strict:
+                    raise
+                records.append(SiteRecord(graph_id, "norm", "fallback", "rms_norm", reason=f"norms kept: {e}"))
         with stage("rewrite"):
             return rewriter.finish(), records, rewriter.packed
+
+    def _fold_norms(self, graph_id, work: fx.GraphModule, example_inputs, rewriter: Rewriter) -> list[SiteRecord]:
+        """Each RMSNorm that only weight-only Triton linears read, folded into them when every fold passes the
+        gate at rounding level (against the unfused linear, on the example inputs); one record per norm."""
+        op = torch.ops.torchfx_eff.weight_only_mm.default
+        found = {}
+        for node in work.graph.nodes:
+            if node.target is op and isinstance(node.args[0], fx.Node) and (norm := passes.norms.find(node.args[0])):
+                found[norm.out] = norm
+        record = lambda norm, status, why, **kw: SiteRecord(graph_id, "norm", status, "rms_norm", passes.norms.label(norm),
+                                                            reason=why, **kw)
+        records, todo = [], []
+        for norm in found.values():
+            if why := passes.norms.foldable(norm, op):
+                records.append(record(norm, "kept", why))
+            else:
+                todo.append(norm)
+        if not todo:
+            return records
+        values = gate.capture(work, example_inputs, {r: norm.nodes + [r] for norm in todo for r in norm.out.users})
+        for norm in todo:
+            reps = [(r, kernels.Replacement(op, (), passes.norms.folded(r, norm))) for r in norm.out.users]
+            checks = [gate.check(rep, values[r][r], values[r], "lossless") for r, rep in reps]
+            db = min(db for db, _ in checks)
+            if failed := [why for _, why in checks if why]:
+                records.append(record(norm, "kept", f"folding it failed the gate: {failed[0]}", sqnr_db=db))
+                continue
+            for r, rep in reps:
+                rewriter.apply(norm.nodes + [r], rep, prefix="norm")
+            records.append(record(norm, "rewritten", f"folded into the {len(reps)} weight-only linear(s) reading it "
+                                                     f"(eps={norm.eps:g})", sqnr_db=db))
+        return records
 
     def _blocker(self, info: passes.GraphInfo) -> str | None:
         """A reason that no site of this graph may be rewritten, if there is one."""

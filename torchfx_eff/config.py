@@ -10,7 +10,8 @@ ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
 CUDA_GRAPHS = ("auto", "on", "off")
-BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues", "release_weights", "output_linear_8bit")
+BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues", "fuse_norms", "release_weights",
+            "output_linear_8bit")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
 FamilyChoice = Union[str, tuple]
@@ -48,6 +49,9 @@ class Config:
     fuse_epilogues: let a linear's Triton kernel apply the pointwise ops after it (activation, SwiGLU, residual add,
         dtype cast) before it stores its output (codegen/ generates them); checked by the gate like any rewrite.
         Estimates credit the fusion; calibrate=True times the linears alone.
+    fuse_norms: fold an RMSNorm into the weight-only Triton linears (int8/int4 on CUDA) that read it: they normalize
+        their input in their own K loop and the norm's kernel goes (passes/norms.py); checked by the gate at
+        rounding level ("lossless"), per norm. Off by default until its GPU speed is measured (bench e2e "+norms").
     release_weights: free each original weight once every compiled graph reads its packed copy instead (its bytes
         go to host memory from a GPU, to a temporary file on CPU; see torchfx_eff.memory). The model's released
         parameters then hold no data outside compiled graphs: torchfx_eff.restore_weights(model) brings them back.
@@ -68,6 +72,7 @@ class Config:
     strict: bool = False
     fuse_siblings: bool = False
     fuse_epilogues: bool = True
+    fuse_norms: bool = False
     release_weights: bool = False
     output_linear_8bit: bool = True
     log: str | None = None

@@ -91,6 +91,22 @@ def _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS: tl.constexpr, 
 
 
 @triton.jit
+def _normed(x, sq, G, k, K, NORM: tl.constexpr):
+    """A folded RMSNorm's input side: x (fp32, at K positions k) times the norm's weight there, and the running
+    squares of x (before the weight). Its 1 / rms multiplies the output rows (_rms)."""
+    if NORM:
+        sq += x * x
+        x = x * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
+    return x, sq
+
+
+@triton.jit
+def _rms(sq_rows, inv_k, eps, NORM: tl.constexpr):
+    """1 / sqrt(mean square + eps) of rows whose squares sum to sq_rows (1 without a norm)."""
+    return tl.rsqrt(sq_rows * inv_k + eps) if NORM else 1.0
+
+
+@triton.jit
 def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
            EPILOGUE: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] times int8's channel scales, + bias, through the generated EPILOGUE to Out."""
@@ -103,9 +119,9 @@ def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: 
 
 
 @triton.jit
-def _gemv(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
-          BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-          STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
+          eps, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          NORM: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
     in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
     are summed over K once, at the end."""
@@ -114,13 +130,16 @@ def _gemv(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, strid
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     acc = tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32)
+    sq = tl.zeros([1, CHUNKS, PART], tl.float32)
     for step in range(tl.cdiv(K, 2 * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
         wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
-        xa = _x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART)
-        xb = _x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART)
-        acc += wa * xa.to(tl.float32) + wb * xb.to(tl.float32)
-    out = tl.sum(tl.sum(acc, 2), 1)[None, :]
+        xa, sq = _normed(_x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
+                         chunk * 2 * PART + h, K, NORM)
+        xb, sq = _normed(_x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
+                         (chunk * 2 + 1) * PART + h, K, NORM)
+        acc += wa * xa + wb * xb
+    out = tl.sum(tl.sum(acc, 2), 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
@@ -152,9 +171,9 @@ def _nibbles_plus_128(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_int4(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
-               PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, ASM: tl.constexpr,
-               BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
+def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
+               inv_k, eps, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr,
+               ASM: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
     """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
     a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
     (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored."""
@@ -164,23 +183,28 @@ def _gemv_int4(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, 
     n = tl.minimum(offs_n, N - 1)
     g, j = tl.arange(0, GROUPS), tl.arange(0, PART)
     w_ptrs = W + n[:, None, None] * stride_wn + g[None, :, None] * PART + j[None, None, :]
-    x_ptrs = X + m * stride_xm + (g[:, None] * 8 * PART + j[None, :]) * stride_xk
+    k_in_step = g[:, None] * 8 * PART + j[None, :]
+    x_ptrs = X + m * stride_xm + k_in_step * stride_xk
     s_off = n[:, None] * stride_sn + g[None, :]
     acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    sq = tl.zeros([GROUPS], tl.float32)
     n_groups = K // (8 * PART)
     for step in range(tl.cdiv(n_groups, GROUPS)):
         ok = step * GROUPS + g < n_groups
         v = _nibbles_plus_128(tl.load(w_ptrs + step * GROUPS * PART, mask=ok[None, :, None], other=0), ASM)
         d = tl.zeros([BLOCK_N, GROUPS, PART], tl.float32)
         xs = tl.zeros([GROUPS, PART], tl.float32)
+        xq = tl.zeros([GROUPS, PART], tl.float32)  # a step's squares, summed like xs (a carried tile forces layouts)
         for i in tl.static_range(8):
             x = tl.load(x_ptrs + (step * GROUPS * 8 + i) * PART * stride_xk, mask=ok[:, None], other=0.0)
-            d += v[i] * x.to(tl.float32)[None, :, :]
-            xs += x.to(tl.float32)
+            x, xq = _normed(x.to(tl.float32), xq, G, k_in_step + (step * GROUPS * 8 + i) * PART, K, NORM)
+            d += v[i] * x[None, :, :]
+            xs += x
         s = tl.load(S + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
         z = tl.load(Z + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
         acc += s * tl.sum(d, 2) - (136.0 * s - z) * tl.sum(xs, 1)[None, :]
-    out = tl.sum(acc, 1)[None, :]
+        sq += tl.sum(xq, 1)
+    out = tl.sum(acc, 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, 4, HAS_BIAS, EPILOGUE)
 
 
@@ -192,9 +216,9 @@ def _dot_chunks(acc, x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: 
 
 
 @triton.jit
-def _gemm(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, M_BUCKET,
-          BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, CHUNKS: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gemm(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
+          eps, M_BUCKET, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          NORM: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row blocks on program axis 0 (the fastest): the row blocks of one channel block share its weights in L2.
     A step's chunks lie side by side along each part's dot K, in the same order for x and the weights. fp32 x
     multiplies as TF32 on the GPU, far below int4/int8 rounding."""
@@ -203,12 +227,18 @@ def _gemm(X, W, S, Z, B, Out, E, M, N, K, stride_xm, stride_xk, stride_wn, strid
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m, n, j = offs_m[:, None, None], offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sq = tl.zeros([BLOCK_M, CHUNKS, PART], tl.float32)
     for step in range(tl.cdiv(K, PARTS * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
         w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART)
         for p in tl.static_range(PARTS):
             x = _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS, PART)
+            if NORM:  # the weight-scaled x rounds to x's dtype for the dot, as the norm's output does
+                xn, sq = _normed(x.to(tl.float32), sq, G, (chunk * PARTS + p) * PART + j, K, NORM)
+                x = xn.to(x.dtype)
             acc = _dot_chunks(acc, x, w[p], BLOCK_M, BLOCK_N, CHUNKS * PART)
+    if NORM:
+        acc = acc * _rms(tl.sum(tl.sum(sq, 2), 1), inv_k, eps, NORM)[:, None]
     _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
@@ -325,14 +355,23 @@ _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_war
                      _KEY + ["M_BUCKET"], _prune_gemm)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32, then in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
 def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        bias: torch.Tensor | None, bits: int, group_size: int, epilogue: str = "",
-                       operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                       norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias), then the epilogue (codegen.epilogue's spec, reading operand), in out_dtype (x's by
     default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 8] int32 in
     int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale + zero in each group. The
     GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from DEQUANTIZE_MIN_ROWS
-    rows (and the epilogue in a pass of its own there)."""
+    rows (and the epilogue in a pass of its own there). With norm_weight [K], x is first RMS-normalized:
+    rms_norm(x, norm_weight, norm_eps); the GEMV and GEMM fold it in (x times the weight in the K loop, the sum of
+    squares beside it, 1 / rms on the output rows), the cuBLAS path computes it in a pass of its own."""
     if bits not in (4, 8):
         raise ValueError(f"weight_only_matmul: bits={bits!r} is not allowed; choose 4 or 8")
     if bits == 4 and group_size not in GROUP_SIZES:
@@ -344,6 +383,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     e, stride_em = codegen.operand_arg(epilogue, operand, out, shape)
     store = codegen.epilogue(epilogue)
     if M >= DEQUANTIZE_MIN_ROWS:
+        x2 = x2 if norm_weight is None else rms_norm(x2, norm_weight, norm_eps)
         y = F.linear(x2, dequantize(weight, scales, zeros, bits, group_size, K, x.dtype), bias)
         if not epilogue and y.dtype == out.dtype:
             return y.reshape(shape)
@@ -352,11 +392,13 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         return out.reshape(shape)
     if M and N:
         parts, part = _parts(bits, group_size)
-        if bits == 4 and M <= GEMV_MAX_ROWS and K % group_size:
-            x2, K = F.pad(x2, (0, -K % group_size)), K - K % group_size + group_size  # the GEMV reads whole groups
-        args = (x2, weight, scales, scales if zeros is None else zeros, out if bias is None else bias, out, e, M, N, K,
-                *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0), stride_em)
-        flags = {"PART": part, "HAS_BIAS": bias is not None, "EPILOGUE": store}
+        norm, inv_k = (out if norm_weight is None else norm_weight), 1.0 / K
+        if bits == 4 and M <= GEMV_MAX_ROWS and K % group_size:  # the GEMV reads whole groups
+            x2, norm = F.pad(x2, (0, -K % group_size)), norm if norm_weight is None else F.pad(norm, (0, -K % group_size))
+            K = K - K % group_size + group_size
+        args = (x2, weight, scales, scales if zeros is None else zeros, out if bias is None else bias, out, e, norm, M, N,
+                K, *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0), stride_em, inv_k, norm_eps)
+        flags = {"PART": part, "HAS_BIAS": bias is not None, "EPILOGUE": store, "NORM": norm_weight is not None}
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         if M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
@@ -375,12 +417,15 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
 @torch.library.custom_op("torchfx_eff::weight_only_mm", mutates_args=())
 def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    bias: torch.Tensor | None, bits: int, group_size: int, epilogue: str = "",
-                   operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    return weight_only_matmul(x, weight, scales, zeros, bias, bits, group_size, epilogue, operand, out_dtype)
+                   operand: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                   norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+    return weight_only_matmul(x, weight, scales, zeros, bias, bits, group_size, epilogue, operand, out_dtype,
+                              norm_weight, norm_eps)
 
 
 @weight_only_mm.register_fake
-def _(x, weight, scales, zeros, bias, bits, group_size, epilogue="", operand=None, out_dtype=None):
+def _(x, weight, scales, zeros, bias, bits, group_size, epilogue="", operand=None, out_dtype=None, norm_weight=None,
+      norm_eps=0.0):
     return x.new_empty(*x.shape[:-1], codegen.out_features(epilogue, weight.shape[0]), dtype=out_dtype or x.dtype)
 
 

@@ -1,5 +1,5 @@
 """Normalize and match: turn a Dynamo graph into typed sites (and the misses, with reasons)."""
-from . import attention, linear
+from . import attention, linear, norms
 from .epilogue import match as match_epilogues
 from .graph import GraphInfo
 from .normalize import normalize
@@ -10,4 +10,4 @@ from .sites import AttentionSite, Epilogue, LinearSite, Miss, Site
 MATCHERS = {"attention": attention.match, "linear": linear.match}
 
 __all__ = ["MATCHERS", "AttentionSite", "Epilogue", "GraphInfo", "LinearSite", "Miss", "Site", "fuse_siblings",
-           "match_epilogues", "normalize"]
+           "match_epilogues", "normalize", "norms"]
