@@ -464,10 +464,8 @@ def test_fused_epilogues_on_gpu_match_the_unfused_graph(kernel, M, spec):
     torch.testing.assert_close(out.float(), reference.float(), rtol=2.0 ** -6, atol=2.0 ** -6 * reference.abs().max().item())
 
 
-def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(monkeypatch):
-    """int8 weight-only on every linear (its cost divided to drive every size to it), with and without fused
-    epilogues, siblings fused (gate/up pairs in one tile): residual adds and SwiGLU fused in the GEMV (1 token) and
-    the GEMM (16), not from DEQUANTIZE_MIN_ROWS (64: cuBLAS); outputs within bf16 rounding of the unfused compile."""
+def _int8_everywhere(monkeypatch):
+    """int8 weight-only's cost divided by 100: the cost model takes it at every size."""
     import dataclasses
 
     from torchfx_eff.kernels import registry
@@ -475,6 +473,13 @@ def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(mon
     impl = registry._REGISTRY["linear"]["int8_weight_only"]
     monkeypatch.setitem(registry._REGISTRY["linear"], "int8_weight_only",
                         dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+
+
+def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(monkeypatch):
+    """int8 weight-only on every linear (its cost divided to drive every size to it), with and without fused
+    epilogues, siblings fused (gate/up pairs in one tile): residual adds and SwiGLU fused in the GEMV (1 token) and
+    the GEMM (16), not from DEQUANTIZE_MIN_ROWS (64: cuBLAS); outputs within bf16 rounding of the unfused compile."""
+    _int8_everywhere(monkeypatch)
     outs = _llama_logits_with_and_without("fuse_epilogues", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
     assert sites("graph") == [], torchfx_eff.last_report()
     linear = matched("linear")
@@ -491,13 +496,7 @@ def test_llama_bf16_folded_norms_under_inductor_match_the_unfolded_compile(monke
     """int8 weight-only on every linear (its cost divided, as above), siblings fused, with and without RMSNorms
     folded: both norms of every layer fold at 1, 16 and 64 tokens (GEMV, GEMM, cuBLAS path); outputs within bf16
     rounding of the unfolded compile."""
-    import dataclasses
-
-    from torchfx_eff.kernels import registry
-
-    impl = registry._REGISTRY["linear"]["int8_weight_only"]
-    monkeypatch.setitem(registry._REGISTRY["linear"], "int8_weight_only",
-                        dataclasses.replace(impl, cost=lambda site, spec: impl.cost(site, spec) / 100))
+    _int8_everywhere(monkeypatch)
     outs = _llama_logits_with_and_without("fuse_norms", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
     assert sites("graph") == [], torchfx_eff.last_report()
     norms = sites("norm")
