@@ -292,6 +292,25 @@ def test_lowbit_linears_rewritten_under_inductor_for_decode_and_prefill(name, mo
             assert sqnr_ref(ref.float().cpu(), out.float().cpu()) > {"ternary": 25, "sparse24": 35}[name]
 
 
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_efficient"])
+def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it_on_cuda(backend):
+    """sdpa_site converts a bool mask to 0 / -inf in the graph, as ATen does on every call: the pinned backend's
+    output equals SDPA's with the bool mask, bit for bit, a fully masked row included (bf16, decode-like shape)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from torchfx_eff.kernels.sdpa import BACKENDS, sdpa_site
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 8, n, 64, generator=g, device="cuda", dtype=torch.bfloat16) for n in (4, 300, 300))
+    mask = torch.rand(1, 1, 4, 300, generator=g, device="cuda") > 0.3
+    mask[0, 0, 2] = False
+    with sdpa_kernel(BACKENDS[backend]):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = sdpa_site(q, k, v, mask, None, False, None, False, False, backend)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
 # Weight-only int4 / int8 linears (kernels/int4_weight_only.py, int8_weight_only.py, weight_only_triton.py): the
 # Triton kernels compiled for the GPU (autotuned, bf16 for real), against fp32 products of the dequantized weights.
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 0)])

@@ -361,3 +361,24 @@ def test_eager_attention_that_cannot_be_taken_is_missed_with_a_precise_reason(na
     [record] = sites("attention")
     assert record.status == "missed" and record.op == "eager" and why in record.reason, record.reason
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it():
+    """SDPA turns a bool mask into 0 / -inf on every call (three kernels a call on CUDA); sdpa_site converts it in
+    the graph instead, where Inductor fuses it with the mask's own ops: the op gets a float mask and returns SDPA's
+    output with the bool mask bit for bit, a fully masked row included."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from torchfx_eff.kernels.attention_inputs import site_mask
+    from torchfx_eff.kernels.sdpa import sdpa_site
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (5, 7, 7))
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    mask[1, 0, 2] = False  # a row with no key
+    assert site_mask(mask, None, q.dtype, additive=True).dtype == q.dtype
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = sdpa_site(q, k, v, mask, None, False, None, False, False, "sdpa_cpu")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)

@@ -41,15 +41,16 @@ def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, backend):
 
 def sdpa_site(q, k, v, mask, mask_fill, is_causal, scale, enable_gqa, k_transposed, backend):
     """An attention site as one pinned SDPA call."""
-    return torch.ops.torchfx_eff.sdpa.default(q, site_key(k, k_transposed), v, site_mask(mask, mask_fill, q.dtype),
-                                              is_causal, scale, enable_gqa, backend)
+    return torch.ops.torchfx_eff.sdpa.default(q, site_key(k, k_transposed), v,
+                                              site_mask(mask, mask_fill, q.dtype, additive=True), is_causal, scale,
+                                              enable_gqa, backend)
 
 
 def fake_mask(site):
-    """The site's mask as one fake tensor in SDPA's terms (None when it has none)."""
+    """The site's mask as one fake tensor, as sdpa_site passes it (None when it has none)."""
     masks = site.mask if isinstance(site.mask, tuple) else (site.mask,)
     fill = (fake(site.mask_fill[0]), site.mask_fill[1]) if site.mask_fill else None
-    return site_mask(tuple(fake(m) for m in masks if m is not None), fill, site.dtype)
+    return site_mask(tuple(fake(m) for m in masks if m is not None), fill, site.dtype, additive=True)
 
 
 def _sdpa_refusal(site) -> str | None:
