@@ -368,6 +368,7 @@ def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it():
     the graph instead, where Inductor fuses it with the mask's own ops: the op gets a float mask and returns SDPA's
     output with the bool mask bit for bit, a fully masked row included."""
     import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from torchfx_eff.kernels.attention_inputs import site_mask
@@ -378,6 +379,8 @@ def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it():
     mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
     mask[1, 0, 2] = False  # a row with no key
     assert site_mask(mask, None, q.dtype, additive=True).dtype == q.dtype
+    fake = FakeTensorMode().from_tensor(mask)  # as the cost rules hold it for torch's CUDA checks: outside the mode
+    assert site_mask(fake, None, torch.bfloat16, additive=True).dtype == torch.bfloat16
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = sdpa_site(q, k, v, mask, None, False, None, False, False, "sdpa_cpu")

@@ -21,8 +21,9 @@ def site_mask(mask, mask_fill, dtype: torch.dtype, additive: bool = False):
         return None
     if all(t.dtype == torch.bool for t in terms) and not additive:
         return functools.reduce(operator.and_, terms)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
-    as_float = [t if t.is_floating_point() else torch.where(t, 0.0, neg_inf).to(dtype) for t in terms]
+    # no tensor constants: the mask may be a fake tensor (cost rules run on fakes, which reject real tensors)
+    as_float = [t if t.is_floating_point() else torch.zeros_like(t, dtype=dtype).masked_fill(~t, float("-inf"))
+                for t in terms]
     return functools.reduce(operator.add, as_float)
 
 
