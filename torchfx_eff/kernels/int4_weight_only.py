@@ -229,7 +229,9 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
         def pack():
             codes, scales, zeros = (quantize_int4(site.weight_nk(), group_size) if acts is None else
                                     quantize_int4(site.weight_nk(), group_size, acts.mean_square, acts.hessian))
-            return (pack_int4(codes, group_size), scales, zeros) if path == "triton" else pack_for_cpu(codes, scales, zeros)
+            if path == "triton":
+                return pack_int4(codes, group_size), wt.aligned_rows(scales), wt.aligned_rows(zeros)
+            return pack_for_cpu(codes, scales, zeros)
 
         # one packing per statistics source: graphs compiled from example inputs share the first one's
         packing = f"int4_g{group_size}_{path}_{site.weight_layout}_{'plain' if acts is None else acts.source}"

@@ -22,6 +22,8 @@ shared GEMV ran ~10-12 (sm90, counted from the compiled loop).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -171,12 +173,50 @@ def _nibbles_plus_128(w, ASM: tl.constexpr):
 
 
 @triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch (launch_pdl), let the next kernel start and wait for the previous one's
+    results: what comes before this call (constant weights) overlaps the previous kernel's tail, what comes after
+    (x, epilogue operands, stores) sees its writes. A no-op in a plain launch."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step, n_groups, GROUPS: tl.constexpr, PART: tl.constexpr):
+    """A step's weight words and group scales and zeros (fp32)."""
+    ok = step * GROUPS + g < n_groups
+    words = tl.load(w_ptrs + step * GROUPS * PART, mask=ok[None, :, None], other=0)
+    s = tl.load(S + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
+    z = tl.load(Z + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
+    return words, s, z
+
+
+@triton.jit
+def _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM: tl.constexpr,
+               ASM: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PART: tl.constexpr):
+    """acc and sq after one step of _gemv_int4 over its weights (_int4_step_inputs) and x."""
+    ok = step * GROUPS + g < n_groups
+    v = _nibbles_plus_128(words, ASM)
+    d = tl.zeros([BLOCK_N, GROUPS, PART], tl.float32)
+    xs = tl.zeros([GROUPS, PART], tl.float32)
+    xq = tl.zeros([GROUPS, PART], tl.float32)  # a step's squares, summed like xs (a carried tile forces layouts)
+    for i in tl.static_range(8):
+        x = tl.load(x_ptrs + (step * GROUPS * 8 + i) * PART * stride_xk, mask=ok[:, None], other=0.0)
+        x, xq = _normed(x.to(tl.float32), xq, G, k_in_step + (step * GROUPS * 8 + i) * PART, K, NORM)
+        d += v[i] * x[None, :, :]
+        xs += x
+    return acc + s * tl.sum(d, 2) - (136.0 * s - z) * tl.sum(xs, 1)[None, :], sq + tl.sum(xq, 1)
+
+
+@triton.jit
 def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
                inv_k, eps, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr,
-               ASM: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
+               ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
     """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
     a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
-    (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored."""
+    (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored. The first step
+    is peeled: its weights load before the wait for x (_wait_for_inputs)."""
     GROUPS: tl.constexpr = STEP_BYTES // (4 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,24 +226,15 @@ def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_w
     k_in_step = g[:, None] * 8 * PART + j[None, :]
     x_ptrs = X + m * stride_xm + k_in_step * stride_xk
     s_off = n[:, None] * stride_sn + g[None, :]
-    acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-    sq = tl.zeros([GROUPS], tl.float32)
     n_groups = K // (8 * PART)
-    for step in range(tl.cdiv(n_groups, GROUPS)):
-        ok = step * GROUPS + g < n_groups
-        v = _nibbles_plus_128(tl.load(w_ptrs + step * GROUPS * PART, mask=ok[None, :, None], other=0), ASM)
-        d = tl.zeros([BLOCK_N, GROUPS, PART], tl.float32)
-        xs = tl.zeros([GROUPS, PART], tl.float32)
-        xq = tl.zeros([GROUPS, PART], tl.float32)  # a step's squares, summed like xs (a carried tile forces layouts)
-        for i in tl.static_range(8):
-            x = tl.load(x_ptrs + (step * GROUPS * 8 + i) * PART * stride_xk, mask=ok[:, None], other=0.0)
-            x, xq = _normed(x.to(tl.float32), xq, G, k_in_step + (step * GROUPS * 8 + i) * PART, K, NORM)
-            d += v[i] * x[None, :, :]
-            xs += x
-        s = tl.load(S + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
-        z = tl.load(Z + s_off + step * GROUPS, mask=ok[None, :], other=0.0).to(tl.float32)
-        acc += s * tl.sum(d, 2) - (136.0 * s - z) * tl.sum(xs, 1)[None, :]
-        sq += tl.sum(xq, 1)
+    words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, 0, n_groups, GROUPS, PART)
+    _wait_for_inputs(PDL)
+    acc, sq = _int4_step(tl.zeros([BLOCK_N, GROUPS], tl.float32), tl.zeros([GROUPS], tl.float32), words, s, z, x_ptrs,
+                         G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM, BLOCK_N, GROUPS, PART)
+    for step in range(1, tl.cdiv(n_groups, GROUPS)):
+        words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step, n_groups, GROUPS, PART)
+        acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM, ASM,
+                             BLOCK_N, GROUPS, PART)
     out = tl.sum(acc, 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, 4, HAS_BIAS, EPILOGUE)
 
@@ -295,6 +326,13 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return out
 
 
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, G] group scales or zeros with zero columns appended to a row length of a multiple of 16: 32-byte aligned
+    rows, which Triton 3.6's sm90 GEMM needs at group 32 (unaligned ones failed its dot-operand pass: H100, K=2000).
+    The kernels read G columns, as K gives them."""
+    return F.pad(t, (0, -t.shape[1] % 16))
+
+
 def gemm_chunks(bits: int, part: int) -> int:
     """Chunks a GEMM step takes: one tl.dot of GEMM_DOT_K (int8) or INT4_DOT_K[part] (int4) K values per part."""
     return max(1, (INT4_DOT_K[part] if bits == 4 else GEMM_DOT_K) // part)
@@ -355,6 +393,12 @@ _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_war
                      _KEY + ["M_BUCKET"], _prune_gemm)
 
 
+@functools.cache
+def programmatic_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol, sm90 on): a kernel starts during the previous one's tail."""
+    return PTX and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32, then in x's dtype."""
     xf = x.float()
@@ -367,8 +411,8 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                        norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias), then the epilogue (codegen.epilogue's spec, reading operand), in out_dtype (x's by
     default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 8] int32 in
-    int4_weight_only's layout, scales and zeros [N, Kp / group_size], W = (q - 8) * scale + zero in each group. The
-    GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from DEQUANTIZE_MIN_ROWS
+    int4_weight_only's layout, scales and zeros [N, Kp / group_size] through aligned_rows, W = (q - 8) * scale + zero
+    in each group. The GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from DEQUANTIZE_MIN_ROWS
     rows (and the epilogue in a pass of its own there). With norm_weight [K], x is first RMS-normalized:
     rms_norm(x, norm_weight, norm_eps); the GEMV and GEMM fold it in (x times the weight in the K loop, the sum of
     squares beside it, 1 / rms on the output rows), the cuBLAS path computes it in a pass of its own."""
@@ -402,7 +446,8 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         if M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
-            _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **block)
+            pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
+            _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
             _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **block)
