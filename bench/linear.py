@@ -16,6 +16,7 @@ from triton.testing import do_bench_cudagraph
 
 import torchfx_eff
 from torchfx_eff import cost, kernels
+from torchfx_eff.kernels import weight_only_triton
 from torchfx_eff.passes.sites import LinearSite
 
 from models import llama
@@ -131,10 +132,12 @@ WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run w
 
 
 # Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released);
-# "+norms" folds each RMSNorm into the linears reading it; "+calibrate" times the applicable candidates on the real
-# inputs instead of trusting estimates.
-MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "norms": {"fuse_norms": True},
-                "calibrate": {"calibrate": True}}
+# "+nonorms" keeps the RMSNorms out of the linears reading them (Config.fuse_norms, on by default); "+calibrate" times
+# the applicable candidates on the real inputs instead of trusting estimates.
+MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "nonorms": {"fuse_norms": False},
+                "calibrate": {"calibrate": True}, "nopdl": {}}
+# "+nopdl": the weight-only GEMVs launch plainly, not overlapping the previous kernel (programmatic dependent launch)
+MODE_SWITCHES = {"nopdl": lambda: setattr(weight_only_triton, "programmatic_launch", lambda device: False)}
 
 
 def _linear_mode(mode: str) -> tuple[str, dict]:
@@ -176,6 +179,8 @@ def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
     tokens, into a static cache: each step (forward, argmax, bookkeeping) is one CUDA graph replay."""
     from transformers import StaticCache
 
+    for suffix in mode.split("+")[1:]:
+        MODE_SWITCHES.get(suffix, lambda: None)()
     model = llama(layers=16, kv_heads=8, max_positions=4096)
     forward = _compiled(mode, model)
     cache = StaticCache(config=model.config, max_cache_len=prompt + WARMUP_STEPS + new_tokens + PROFILED_STEPS)

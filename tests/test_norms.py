@@ -123,15 +123,16 @@ def test_a_norm_read_by_other_ops_stays_with_the_reason(triton_path):
 
 
 def test_torch_rms_norm_module_folds_and_fuse_norms_false_keeps_it(triton_path):
-    """nn.RMSNorm traces to F.rms_norm, folded too; with fuse_norms=False (the default) no norm is looked for."""
+    """nn.RMSNorm traces to F.rms_norm, folded too (fuse_norms is on by default); with fuse_norms=False no norm is
+    looked for."""
     model, x = NormThenLinear(), torch.randn(2, 3, 64)
     with torch.no_grad():
         ref = model(x)
-        out = compiled(model, fuse_norms=True)(x)
+        out = compiled(model)(x)
         [norm] = sites("norm")
         torch._dynamo.reset()
         torchfx_eff.reset()
-        compiled(model)(x)
+        compiled(model, fuse_norms=False)(x)
     assert norm.status == "rewritten", norm.reason
     assert sqnr_ref(ref, out) >= 30.0  # int8 weights against the fp32 module
     assert not sites("norm")
