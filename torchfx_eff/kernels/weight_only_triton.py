@@ -121,26 +121,35 @@ def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: 
 
 
 @triton.jit
+def _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM: tl.constexpr, PART: tl.constexpr):
+    """acc and sq after one step of _gemv over its decoded weight parts (_weight_parts) and x."""
+    xa, sq = _normed(_x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
+                     chunk * 2 * PART + h, K, NORM)
+    xb, sq = _normed(_x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
+                     (chunk * 2 + 1) * PART + h, K, NORM)
+    return acc + wa * xa + wb * xb, sq
+
+
+@triton.jit
 def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
           eps, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-          NORM: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+          NORM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
     in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
-    are summed over K once, at the end."""
+    are summed over K once, at the end. The first step is peeled: its weights load before the wait for x."""
     CHUNKS: tl.constexpr = STEP_BYTES // (2 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
-    acc = tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32)
-    sq = tl.zeros([1, CHUNKS, PART], tl.float32)
-    for step in range(tl.cdiv(K, 2 * PART * CHUNKS)):
+    chunk = tl.arange(0, CHUNKS)[None, :, None]
+    wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
+    _wait_for_inputs(PDL)
+    acc, sq = _int8_step(tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32), wa,
+                         wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
+    for step in range(1, tl.cdiv(K, 2 * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
         wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
-        xa, sq = _normed(_x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
-                         chunk * 2 * PART + h, K, NORM)
-        xb, sq = _normed(_x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
-                         (chunk * 2 + 1) * PART + h, K, NORM)
-        acc += wa * xa + wb * xb
+        acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
     out = tl.sum(tl.sum(acc, 2), 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
@@ -444,13 +453,13 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
                 K, *x2.stride(), weight.stride(0), scales.stride(0), out.stride(0), stride_em, inv_k, norm_eps)
         flags = {"PART": part, "HAS_BIAS": bias is not None, "EPILOGUE": store, "NORM": norm_weight is not None}
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
+        pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
         if M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
-            pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
-            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **block)
+            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **pdl, **block)
         else:
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
