@@ -354,6 +354,48 @@ def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, grou
     assert bool(((out.float() - ref).abs() <= (3 if norm else 2) * 2.0 ** -8 * scale).all())
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypatch):
+    """A chain of GEMVs, each reading the one before and a residual a plain kernel writes just before it: launched
+    with programmatic dependent launch (sm90 on), each must wait for its inputs (its weights may load early), so the
+    outputs equal those of plain launches bit for bit, on a stream and replayed from a CUDA graph."""
+    from torchfx_eff.kernels import weight_only_triton as wt
+    from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
+    from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+
+    if not wt.programmatic_launch(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm90")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(2048, 2048, generator=g, device="cuda") for _ in range(3)]
+    int4 = [(pack_int4(c, 64), wt.aligned_rows(s), wt.aligned_rows(z))
+            for c, s, z in (quantize_int4(w, 64) for w in ws[:2])]
+    q, s8 = quantize_per_channel(ws[2])
+    x = torch.randn(1, 2048, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        h = x
+        for layer in range(3):
+            residual = h * 0.5 + 1.0  # a plain kernel, written right before the GEMV reads it
+            h = (wt.weight_only_matmul(h, *int4[layer], None, 4, 64, "add", residual) if layer < 2 else
+                 wt.weight_only_matmul(h, q, s8, None, None, 8, 0, "add", residual))
+            h = h / h.abs().amax()
+        return h
+
+    def run():
+        chain()  # compile and autotune outside any capture
+        if not graphed:
+            return chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        return out.clone()
+
+    with_pdl = run()
+    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
+    assert torch.equal(with_pdl, run())
+
+
 # Activation-quantized linears (kernels/fp8.py, w8a8_smooth.py, quant_gemm.py): the Triton 8-bit GEMM compiled for
 # the GPU (autotuned), torch._scaled_mm's row-wise fp8, against fp64 of the quantized operands.
 QUANT_SHAPES = [(1, 4096, 4096), (7, 1000, 336), (64, 512, 1024), (300, 768, 2048)]
