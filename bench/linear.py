@@ -50,8 +50,8 @@ def _site(x, weight) -> LinearSite:
                       x=x, weight=weight, weight_name="weight", weight_layout="nk")
 
 
-def _aten_int4(x, w):
-    """torch's tinygemm int4 (group 128) as the vendor anchor."""
+def _aten_int4(w):
+    """torch's tinygemm int4 (group 128) as the vendor anchor: a function of x."""
     N, K = w.shape
     groups = w.float().reshape(N, K // 128, 128)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
@@ -60,7 +60,7 @@ def _aten_int4(x, w):
     packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
     zeros = lo + 8 * scale  # tinygemm's zero point is the value of the middle code
     sz = torch.stack([scale.squeeze(-1), zeros.squeeze(-1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
 
 
 def _anchor_bytes(N, K) -> dict:
@@ -72,7 +72,8 @@ def _anchors(x, w) -> dict:
     s8 = (w.float().abs().amax(1) / 127).to(torch.bfloat16)
     out = {"cublas_bf16": lambda: F.linear(x, w), "aten_int8pack": lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8)}
     try:
-        out["aten_int4pack"] = _aten_int4(x, w)
+        int4 = _aten_int4(w)
+        out["aten_int4pack"] = lambda: int4(x)
     except RuntimeError:
         pass
     return out
@@ -119,6 +120,81 @@ def kernels_rows(modes=()) -> list[dict]:
                     row.update(anchor="cublas_bf16", anchor_value=cublas, ratio=cublas / ms)
                 rows.append(row)
             del x, ws, anchors
+    return rows
+
+
+# One decoder layer's linears of the 1.1B at M = 1, Q/K/V and gate/up fused, as (N, K): a decode step runs 16 in turn
+CHAIN_LAYER = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
+CHAIN_LAYERS = 16
+
+
+def _chain_us(linears, x, replays=50) -> float:
+    """us of one pass through `linears` (functions of x), each reading the one before's output (its first K
+    columns), replayed from one CUDA graph: GEMVs back to back, as a decode step has them."""
+    def chain():
+        h = x
+        for f, (_, K) in zip(linears, CHAIN_LAYER * CHAIN_LAYERS):
+            h = f(h[:, :K])
+        return h
+
+    side = torch.cuda.Stream()  # compile and autotune outside the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
+def chain_rows() -> list[dict]:
+    """The 1.1B decode step's 64 linears back to back at M = 1 (CHAIN_LAYER x 16, distinct weights: even int4's
+    190 MB overflow L2): int4 g64 and int8 weight-only with and without programmatic dependent launch, against
+    cuBLAS bf16 and ATen's tinygemm int4 in the same chain. us per layer and effective bandwidth."""
+    from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
+    from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+
+    wt = weight_only_triton
+    weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+               for _ in range(CHAIN_LAYERS) for N, K in CHAIN_LAYER]
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    int4 = [(pack_int4(c, 64), wt.aligned_rows(s), wt.aligned_rows(z)) for c, s, z in
+            (quantize_int4(w, 64) for w in weights)]
+    int8 = [quantize_per_channel(w) for w in weights]
+    tinygemm = [_aten_int4(w) for w in weights]
+    chains = {
+        "cublas_bf16": ([lambda h, w=w: F.linear(h, w) for w in weights], [2 * w.numel() for w in weights]),
+        "aten_int4pack": (tinygemm, [w.numel() // 2 + 4 * w.numel() // 128 for w in weights]),
+        "int4_weight_only": ([lambda h, p=p: wt.weight_only_matmul(h, *p, None, 4, 64) for p in int4],
+                             [sum(t.nbytes for t in p) for p in int4]),
+        "int8_weight_only": ([lambda h, p=p: wt.weight_only_matmul(h, *p, None, None, 8, 0) for p in int8],
+                             [sum(t.nbytes for t in p) for p in int8]),
+    }
+    times = {name: (_chain_us(fns, x), sum(nbytes)) for name, (fns, nbytes) in chains.items()}
+    launch = wt.programmatic_launch
+    wt.programmatic_launch = lambda device: False
+    try:
+        for name in ("int4_weight_only", "int8_weight_only"):
+            times[f"{name}+nopdl"] = (_chain_us(chains[name][0], x), times[name][1])
+    finally:
+        wt.programmatic_launch = launch
+    cublas = times["cublas_bf16"][0]
+    rows = []
+    for name, (us, nbytes) in times.items():
+        row = {"name": f"chain 1.1B layer linears M=1 {name}", "value": us / CHAIN_LAYERS, "unit": "us/layer",
+               "GB/s": nbytes / us / 1e3, "copy_bandwidth_fraction": nbytes / us / 1e-6 / COPY_BANDWIDTH}
+        if name != "cublas_bf16":
+            row.update(anchor="chain 1.1B layer linears M=1 cublas_bf16", anchor_value=cublas / CHAIN_LAYERS,
+                       ratio=cublas / us)
+        rows.append(row)
     return rows
 
 
@@ -254,6 +330,7 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
 def gpu_linear(args) -> list[dict]:
     rows = kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(",")))) if "kernels" in args.parts else []
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
+    rows += chain_rows() if "chain" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 

@@ -22,7 +22,7 @@ import torch
 from torchfx_eff.config import ACCURACY
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = "kernels,e2e"
+PARTS = "kernels,chain,e2e"
 
 
 def versions() -> dict:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default=PARTS, help="GPU suites: kernels, e2e or both (a part alone names its file)")
+    parser.add_argument("--parts", default=PARTS, help="gpu_linear: kernels, chain, e2e, or several (a subset names its file)")
     parser.add_argument("--modes", default="",
                         help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e "
                              "also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
