@@ -558,8 +558,10 @@ def test_cpu_site_that_aten_refuses_needs_the_interpreter(monkeypatch):
     assert next(c for c in down.candidates if c.name == "int4_weight_only").applicable
 
 
-GEMM_CONFIGS_FOR_SM90 = r"""
+TUNED_CONFIGS_FOR_SM90 = r"""
 import itertools
+import multiprocessing
+import os
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -567,38 +569,51 @@ from triton.compiler import ASTSource
 from torchfx_eff import codegen
 from torchfx_eff.kernels import weight_only_triton as wt
 
-fn = wt._gemm_tuned.fn
-types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in fn.arg_names if n.startswith("stride")], "i32"),
+types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_names if n.startswith("stride")], "i32"),
          "X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16", "G": "*bf16",
          "inv_k": "fp32", "eps": "fp32"}
 
-def divisible(N, K, bits, group_size):  # as a launch specializes: pointers, and the sizes and strides that are
-    # multiples of 16 (scale rows come padded by aligned_rows; x's unit stride is the constant 1)
+
+def divisible(fn, N, K, bits):  # as a launch specializes: pointers, and the sizes and strides that are multiples
+    # of 16 (scale rows come padded by aligned_rows; x's unit stride is the constant 1)
     values = {"N": N, "K": K, "stride_xm": K, "stride_wn": K * bits // 32 if bits == 4 else K, "stride_sn": 16,
               "stride_om": N, "stride_em": N}
     return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
             if types.get(n, "").startswith("*") or values.get(n, 1) % 16 == 0}
 
 
+def compile_one(i):
+    tuned, config, weight, N, K, bits, constexprs = jobs[i]
+    fn = tuned.fn
+    given = {**constexprs, "stride_xk": 1, **config.kwargs}
+    signature = {n: "constexpr" if n in given else {**types, "W": weight}[n] for n in fn.arg_names}
+    attrs = {k: v for k, v in divisible(fn, N, K, bits).items() if fn.arg_names[k[0]] not in given}
+    try:
+        triton.compile(ASTSource(fn, signature, given, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    except Exception as e:
+        return f"{fn.__name__} bits={bits} PART={constexprs['PART']} N={N} K={K} {config}: {str(e).splitlines()[0]}"
+
+
+jobs = []
 for (bits, group_size, weight), (N, K) in itertools.product(
         [(4, 32, "*i32"), (4, 64, "*i32"), (4, 128, "*i32"), (8, 0, "*i8")], [(4096, 4096), (1000, 2000)]):
-    part, aligned = wt._parts(bits, group_size)[1], divisible(N, K, bits, group_size)
-    for config in wt._gemm_tuned.configs:
-        constexprs = {"BITS": bits, "PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False,
-                      "CHUNKS": wt.gemm_chunks(bits, part), "stride_xk": 1, **config.kwargs}
-        signature = {n: "constexpr" if n in constexprs else {**types, "W": weight}[n] for n in fn.arg_names}
-        attrs = {k: v for k, v in aligned.items() if fn.arg_names[k[0]] not in constexprs}
-        try:
-            triton.compile(ASTSource(fn, signature, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        except Exception as e:
-            raise SystemExit(f"bits={bits} group_size={group_size} N={N} K={K} {config}: {str(e).splitlines()[0]}")
+    part = wt._parts(bits, group_size)[1]
+    common = {"PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False}
+    kernels = [(wt._gemm_tuned, {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)})]
+    if bits == 4:
+        kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}))
+    jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]
+with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # the jobs' kernels are inherited, not pickled
+    failed = [why for why in pool.map(compile_one, range(len(jobs)), chunksize=1) if why]
+if failed:
+    raise SystemExit("\n".join(failed))
 print("compiled")
 """
 
 
-def test_every_gemm_config_compiles_for_hopper_at_every_group_size(cache_dir):
+def test_every_gemm_and_int4_gemv_config_compiles_for_hopper_at_every_group_size(cache_dir):
     """The autotuner compiles all its configs and a compiler error in one fails the call: each config, at each
     group's dot length, must compile for sm90, for aligned and unaligned shapes (g32's dots of 16 K values did not
     at BLOCK_N >= 128; Triton 3.6 failed g32 at unaligned scale rows, hence aligned_rows)."""
-    compiles_for_sm90(GEMM_CONFIGS_FOR_SM90)
+    compiles_for_sm90(TUNED_CONFIGS_FOR_SM90)

@@ -34,6 +34,7 @@ from ..cost import devices, formulas
 from .registry import needs_dtype
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
+INTERPRETER_PREFETCH = False  # which of the int4 GEMV's two loops the interpreter runs (tests run both)
 INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its GPU roofline
 PTX = not INTERPRETING and torch.version.hip is None  # inline PTX compiles for NVIDIA GPUs only
 # The GEMV decodes the weights again for each row: on the H100 it beats the GEMM at 1 and 2 rows, not at 4.
@@ -221,11 +222,13 @@ def _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K,
 @triton.jit
 def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
                inv_k, eps, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr,
-               ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
+               ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr,
+               PREFETCH: tl.constexpr):
     """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
     a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
-    (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored. The first step
-    is peeled: its weights load before the wait for x (_wait_for_inputs)."""
+    (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored. The first step's
+    weights load before the wait for x (_wait_for_inputs). PREFETCH: each step loads the next one's weights before
+    its own arithmetic, twice the bytes in flight for twice the registers (Triton does not pipeline this loop)."""
     GROUPS: tl.constexpr = STEP_BYTES // (4 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,12 +241,20 @@ def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_w
     n_groups = K // (8 * PART)
     words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, 0, n_groups, GROUPS, PART)
     _wait_for_inputs(PDL)
-    acc, sq = _int4_step(tl.zeros([BLOCK_N, GROUPS], tl.float32), tl.zeros([GROUPS], tl.float32), words, s, z, x_ptrs,
-                         G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM, BLOCK_N, GROUPS, PART)
-    for step in range(1, tl.cdiv(n_groups, GROUPS)):
-        words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step, n_groups, GROUPS, PART)
-        acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM, ASM,
+    acc, sq = tl.zeros([BLOCK_N, GROUPS], tl.float32), tl.zeros([GROUPS], tl.float32)
+    if PREFETCH:
+        for step in range(tl.cdiv(n_groups, GROUPS)):
+            ahead = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step + 1, n_groups, GROUPS, PART)  # masked at the end
+            acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM,
+                                 ASM, BLOCK_N, GROUPS, PART)
+            words, s, z = ahead
+    else:
+        acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM,
                              BLOCK_N, GROUPS, PART)
+        for step in range(1, tl.cdiv(n_groups, GROUPS)):
+            words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step, n_groups, GROUPS, PART)
+            acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM,
+                                 ASM, BLOCK_N, GROUPS, PART)
     out = tl.sum(acc, 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, 4, HAS_BIAS, EPILOGUE)
 
@@ -363,10 +374,12 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 
 def _prune_gemv_int4(configs, named_args, **kwargs):
-    """Steps no longer than a channel's whole K (the rest would be masked work), blocks no wider than N."""
+    """Steps no longer than a channel's whole K (the rest would be masked work), blocks no wider than N, prefetching
+    only where there is a next step."""
     channel_bytes, N = named_args["K"] // 2, named_args["N"]
     keep = [c for c in configs if c.kwargs["STEP_BYTES"] <= max(4 * kwargs["PART"], triton.next_power_of_2(channel_bytes))
-            and c.kwargs["BLOCK_N"] <= max(2, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
+            and c.kwargs["BLOCK_N"] <= max(2, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535
+            and (not c.kwargs["PREFETCH"] or c.kwargs["STEP_BYTES"] < channel_bytes)]
     return keep or configs[:1]
 
 
@@ -392,10 +405,14 @@ _gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_
 # in bytes of a channel so that other group sizes keep them.
 # The three 2048-byte steps were added after the sweep, untimed (the longest it tried won; they compile for sm90
 # without spills): the autotuner times them with the rest, and they apply from K = 4096.
+# Prefetching variants of the leading ones (added untimed: ncu had the 4096x14336 GEMV at 40% of DRAM bandwidth with
+# one step's loads in flight; they compile for sm90 without spills): only where a channel takes two steps or more.
 _gemv_int4_configs = [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4), (4, 1024, 1), (8, 512, 4),
                       (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4), (4, 2048, 4), (16, 2048, 8)]
-_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
-                                         for n, b, w in _gemv_int4_configs], ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
+_gemv_int4_prefetching = [(8, 1024, 4), (4, 1024, 4), (8, 1024, 2), (4, 1024, 2), (8, 2048, 4), (4, 2048, 4)]
+_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b, "PREFETCH": p}, num_warps=w)
+                                         for configs, p in ((_gemv_int4_configs, False), (_gemv_int4_prefetching, True))
+                                         for n, b, w in configs], ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 # Few rows, few channels: at M = 16 and N = 2048 the 32- and 64-wide blocks fill 64 and 32 of the H100's 132 SMs
 # (0.31x cuBLAS bf16 at 8192x2048); 16-wide blocks of one or two warps fill 128.
 _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -458,7 +475,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
         if M <= GEMV_MAX_ROWS and bits == 4:
-            block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
+            block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part, "PREFETCH": INTERPRETER_PREFETCH} if INTERPRETING else {}
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
