@@ -442,9 +442,10 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     default). bits=8: weight [N, K] int8, W = weight * scales[:, None]. bits=4: weight [N, Kp / 8] int32 in
     int4_weight_only's layout, scales and zeros [N, Kp / group_size] through aligned_rows, W = (q - 8) * scale + zero
     in each group. The GEMV runs for at most GEMV_MAX_ROWS rows, the GEMM above, cuBLAS on the decoded weights from
-    DEQUANTIZE_MIN_ROWS rows (and the epilogue in a pass of its own there). With norm_weight [K], x is first RMS-normalized:
-    rms_norm(x, norm_weight, norm_eps); the GEMV and GEMM fold it in (x times the weight in the K loop, the sum of
-    squares beside it, 1 / rms on the output rows), the cuBLAS path computes it in a pass of its own."""
+    DEQUANTIZE_MIN_ROWS rows (and the epilogue in a pass of its own there). With norm_weight [K], x is first
+    RMS-normalized: rms_norm(x, norm_weight, norm_eps); the GEMV and GEMM fold it in (x times the weight in the K
+    loop, the sum of squares beside it, 1 / rms on the output rows), the cuBLAS path computes it in a pass of its
+    own."""
     if bits not in (4, 8):
         raise ValueError(f"weight_only_matmul: bits={bits!r} is not allowed; choose 4 or 8")
     if bits == 4 and group_size not in GROUP_SIZES:
