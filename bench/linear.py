@@ -198,7 +198,8 @@ def chain_rows() -> list[dict]:
     return rows
 
 
-DECODE_MODES = ("max-autotune", "int4_weight_only", "int8_weight_only")
+# By default each linear mode as it decodes fastest: Q/K/V and gate/up fused, their originals released
+DECODE_MODES = ("max-autotune", "int4_weight_only+siblings", "int8_weight_only+siblings")
 DECODE_ACCURACY = {"int4_weight_only": "aggressive"}  # int4's tier (SmolLM2 perplexity): under "balanced" it is kept
 # The LM head keeps >= 8-bit weights (Config.output_linear_8bit): int4 runs offer int8 for it, as llama.cpp's Q4 files
 # keep theirs at 6 bits; every other linear the cost model gives int4 (estimated faster at one row)
