@@ -357,7 +357,7 @@ def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, grou
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_int4_gemv_loops_on_gpu_match_fp32_of_dequantized_weights(prefetch, monkeypatch):
     """The int4 GEMV's two loops (prefetching the next step's weights or not), each alone in the autotuner, at a K
-    of several steps a channel (6000 values: 3000 bytes, a last step part masked) and N of no block."""
+    of several steps a channel (6000 values, 94 groups of 64: a last step part masked) and N of no block."""
     from torchfx_eff.kernels import weight_only_triton as wt
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
 
@@ -367,7 +367,8 @@ def test_int4_gemv_loops_on_gpu_match_fp32_of_dequantized_weights(prefetch, monk
     N, K = 1000, 6000
     w, x = torch.randn(N, K, device="cuda"), torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     codes, scales, zeros = quantize_int4(w, 64)
-    deq = ((codes.float().reshape(N, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(N, K)
+    deq = ((codes.float().reshape(N, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None])
+    deq = deq.reshape(N, -1)[:, :K]  # K padded to whole groups by the quantizer
     out = wt.weight_only_matmul(x, pack_int4(codes, 64), wt.aligned_rows(scales), wt.aligned_rows(zeros), None, 4, 64)
     ref, scale = x.float() @ deq.T, x.float().abs() @ deq.abs().T
     assert bool(((out.float() - ref).abs() <= 2 * 2.0 ** -8 * scale).all())
