@@ -354,15 +354,15 @@ def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, grou
     assert bool(((out.float() - ref).abs() <= (3 if norm else 2) * 2.0 ** -8 * scale).all())
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_int4_gemv_loops_on_gpu_match_fp32_of_dequantized_weights(prefetch, monkeypatch):
-    """The int4 GEMV's two loops (prefetching the next step's weights or not), each alone in the autotuner, at a K
-    of several steps a channel (6000 values, 94 groups of 64: a last step part masked) and N of no block."""
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_int4_gemv_loops_on_gpu_match_fp32_of_dequantized_weights(pipelined, monkeypatch):
+    """The int4 GEMV's loop, plain or software-pipelined (STAGES > 1), each alone in the autotuner, at a K of
+    several steps a channel (6000 values, 94 groups of 64: a last step part masked) and N of no block."""
     from torchfx_eff.kernels import weight_only_triton as wt
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
 
     tuned = wt._gemv_int4_tuned
-    monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if c.kwargs["PREFETCH"] == prefetch])
+    monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if (c.kwargs["STAGES"] > 1) == pipelined])
     monkeypatch.setattr(tuned, "cache", {})  # the other loop's choice for this shape
     N, K = 1000, 6000
     w, x = torch.randn(N, K, device="cuda"), torch.randn(1, K, device="cuda", dtype=torch.bfloat16)

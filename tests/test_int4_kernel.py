@@ -601,8 +601,8 @@ for (bits, group_size, weight), (N, K) in itertools.product(
     part = wt._parts(bits, group_size)[1]
     common = {"PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False}
     kernels = [(wt._gemm_tuned, {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)})]
-    if bits == 4:
-        kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}))
+    kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}) if bits == 4 else
+                   (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "PDL": True}))
     jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]
 with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # the jobs' kernels are inherited, not pickled
     failed = [why for why in pool.map(compile_one, range(len(jobs)), chunksize=1) if why]
@@ -612,8 +612,8 @@ print("compiled")
 """
 
 
-def test_every_gemm_and_int4_gemv_config_compiles_for_hopper_at_every_group_size(cache_dir):
-    """The autotuner compiles all its configs and a compiler error in one fails the call: each config, at each
-    group's dot length, must compile for sm90, for aligned and unaligned shapes (g32's dots of 16 K values did not
+def test_every_gemm_and_gemv_config_compiles_for_hopper_at_every_group_size(cache_dir):
+    """The autotuner compiles all its configs and a compiler error in one fails the call: each config (the GEMVs'
+    software-pipelined loops too), at each group's dot length, must compile for sm90, for aligned and unaligned shapes (g32's dots of 16 K values did not
     at BLOCK_N >= 128; Triton 3.6 failed g32 at unaligned scale rows, hence aligned_rows)."""
     compiles_for_sm90(TUNED_CONFIGS_FOR_SM90)
