@@ -426,7 +426,7 @@ ints = dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_name
 pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
             "G": "*bf16", "inv_k": "fp32", "eps": "fp32"}
 flags = {"BITS": 8, "PART": 64, "HAS_BIAS": True, "NORM": True}
-to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "ASM": True, "PDL": True, "STAGES": 3, "STEP_BYTES": 256, "BLOCK_N": 16,
+to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STAGES": 3, "STEP_BYTES": 256, "BLOCK_N": 16,
                                            "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
                                            "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})

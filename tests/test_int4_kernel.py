@@ -602,7 +602,7 @@ for (bits, group_size, weight), (N, K) in itertools.product(
     common = {"PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False}
     kernels = [(wt._gemm_tuned, {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)})]
     kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}) if bits == 4 else
-                   (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "ASM": True, "PDL": True}))
+                   (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "PDL": True}))
     jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]
 with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # the jobs' kernels are inherited, not pickled
     failed = [why for why in pool.map(compile_one, range(len(jobs)), chunksize=1) if why]

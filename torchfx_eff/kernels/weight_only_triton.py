@@ -58,20 +58,6 @@ def _small_int_to_float(v, OFFSET: tl.constexpr):
     return u.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
 
-# Four int8 weights a register to fp32 in 2.25 ops each: flip the sign bits (v + 128 as unsigned bytes), move each
-# byte under 2^23's exponent (PRMT: 2^23 + v + 128 exactly), subtract 2^23 + 128.
-_INT8_ASM = tl.constexpr("{ .reg .b32 t, e; xor.b32 t, $4, 0x80808080; mov.b32 e, 0x4B000000; " + " ".join(
-    f"prmt.b32 ${i}, t, e, 0x744{i}; sub.f32 ${i}, ${i}, 0f4B000080;" for i in range(4)) + " }")
-
-
-@triton.jit
-def _int8_to_float(v, ASM: tl.constexpr):
-    """int8 v as fp32, exactly. ASM: inline PTX on 4 packed bytes (NVIDIA); else the same from Triton ops."""
-    if ASM:
-        return tl.inline_asm_elementwise(_INT8_ASM, "=r,=r,=r,=r,r", [v], dtype=tl.float32, is_pure=True, pack=4)
-    return _small_int_to_float(v, 128)
-
-
 @triton.jit
 def _code(w, i: tl.constexpr, s, z):
     """Nibble i of words w as a weight: code * s + z (z: code 0's value)."""
@@ -79,8 +65,7 @@ def _code(w, i: tl.constexpr, s, z):
 
 
 @triton.jit
-def _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS: tl.constexpr, PART: tl.constexpr,
-                  ASM: tl.constexpr):
+def _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS: tl.constexpr, PART: tl.constexpr):
     """The chunk's weights of channels n as a tuple of parts, part p at K values (chunk * PARTS + p) * PART + j
     (n, chunk and j broadcast together, j in [0, PART)), as fp32: int4 decoded with the group's scale and zero,
     int8 unscaled."""
@@ -97,7 +82,7 @@ def _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS: tl.con
         ptrs = W + n * stride_wn + k
         first = tl.load(ptrs, mask=n_ok & (k < K), other=0)
         second = tl.load(ptrs + PART, mask=n_ok & (k + PART < K), other=0)
-        return _int8_to_float(first, ASM), _int8_to_float(second, ASM)
+        return _small_int_to_float(first, 128), _small_int_to_float(second, 128)
 
 
 @triton.jit
@@ -148,32 +133,29 @@ def _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, N
 @triton.jit
 def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
           eps, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-          NORM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
+          NORM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
           STAGES: tl.constexpr):
     """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
     in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
     are summed over K once, at the end. The first step is peeled: its weights load before the wait for x; STAGES as
-    in _gemv_int4. Tiles are [CHUNKS, PART / 8, BLOCK_N, 8]: threads spread over the first two, so weights and x
-    (8 bytes and 16 a thread) take the same layout, and a thread holds its channels at the same K (ordered [BLOCK_N,
-    CHUNKS, PART], the decoded weights were shuffled between threads: 7.7 sm90 instructions a weight, now 5.1)."""
+    in _gemv_int4."""
     CHUNKS: tl.constexpr = STEP_BYTES // (2 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n = offs_n[None, None, :, None]
-    h = tl.arange(0, PART // 8)[None, :, None, None] * 8 + tl.arange(0, 8)[None, None, None, :]
-    chunk = tl.arange(0, CHUNKS)[:, None, None, None]
-    wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART, ASM)
+    n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
+    chunk = tl.arange(0, CHUNKS)[None, :, None]
+    wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
     _wait_for_inputs(PDL)
-    acc, sq = tl.zeros([CHUNKS, PART // 8, BLOCK_N, 8], tl.float32), tl.zeros([CHUNKS, PART // 8, 1, 8], tl.float32)
+    acc, sq = tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32)
     if STAGES == 1:
         acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
     for step in tl.range(1, tl.cdiv(K, 2 * PART * CHUNKS), num_stages=STAGES):
-        chunk_s = step * CHUNKS + tl.arange(0, CHUNKS)[:, None, None, None]
-        wa_s, wb_s = _weight_parts(W, S, Z, n, chunk_s, h, N, K, stride_wn, stride_sn, BITS, PART, ASM)
+        chunk_s = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
+        wa_s, wb_s = _weight_parts(W, S, Z, n, chunk_s, h, N, K, stride_wn, stride_sn, BITS, PART)
         acc, sq = _int8_step(acc, sq, wa_s, wb_s, X, G, m, chunk_s, h, M, K, stride_xm, stride_xk, NORM, PART)
     if STAGES > 1:
         acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
-    out = tl.sum(tl.sum(tl.sum(acc, 3), 1), 0)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
+    out = tl.sum(tl.sum(acc, 2), 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
@@ -303,7 +285,7 @@ def _gemm(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, st
     sq = tl.zeros([BLOCK_M, CHUNKS, PART], tl.float32)
     for step in range(tl.cdiv(K, PARTS * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART, False)
+        w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART)
         for p in tl.static_range(PARTS):
             x = _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS, PART)
             if NORM:  # the weight-scaled x rounds to x's dtype for the dot, as the norm's output does
@@ -337,7 +319,7 @@ def _dequantize(W, S, Z, Out, N, K, stride_wn, stride_sn, stride_on,
     n = offs_n[:, None, None]
     chunk = tl.program_id(1) * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
     w = _in_k_order(_weight_parts(W, S, Z, n, chunk, tl.arange(0, PART)[None, None, :], N, K, stride_wn, stride_sn,
-                                  BITS, PART, False), BITS, BLOCK_N, WIDTH)
+                                  BITS, PART), BITS, BLOCK_N, WIDTH)
     if BITS == 8:
         w = w * tl.load(S + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     k = tl.program_id(1) * WIDTH + tl.arange(0, WIDTH)
@@ -511,7 +493,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256, "STAGES": 1} if INTERPRETING else {}
-            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, ASM=PTX, **pdl, **block)
+            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **pdl, **block)
         else:
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
