@@ -426,7 +426,7 @@ ints = dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_name
 pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
             "G": "*bf16", "inv_k": "fp32", "eps": "fp32"}
 flags = {"BITS": 8, "PART": 64, "HAS_BIAS": True, "NORM": True}
-to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STAGES": 3, "STEP_BYTES": 256, "BLOCK_N": 16,
+to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STEP_BYTES": 256, "BLOCK_N": 16,
                                            "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
                                            "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
@@ -435,7 +435,7 @@ to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {**flags, "BITS": 4, "PART
 to_cubin(wt._dequantize, {**ints, "W": "*i32", "S": "*bf16", "Z": "*bf16", "Out": "*bf16", "stride_on": "i32"},
          {"BITS": 4, "PART": 8, "CHUNKS": 4, "BLOCK_N": 16})
 to_cubin(wt._gemv_int4, {**ints, **pointers, "W": "*i32"}, {"PART": 8, "HAS_BIAS": False, "NORM": True, "ASM": True,
-         "PDL": True, "STAGES": 3, "BLOCK_N": 8, "STEP_BYTES": 1024, "EPILOGUE": codegen.epilogue("add")})  # sm90
+         "PDL": True, "BLOCK_N": 8, "STEP_BYTES": 1024, "EPILOGUE": codegen.epilogue("add")})  # sm90
 to_cubin(wt._epilogue_pass, {**ints, "Y": "*bf16", "Out": "*bf16", "E": "*fp32", "stride_ym": "i32"},
          {"EPILOGUE": codegen.epilogue("glu_gelu,add"), "BLOCK_M": 32, "BLOCK_N": 64})
 pointers = {"A": "*i8", "B": "*i8", "SA": "*fp32", "SB": "*fp32", "Bias": "*bf16", "Out": "*fp32", "E": "*bf16"}

@@ -355,31 +355,33 @@ def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, grou
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_gemv_loops_on_gpu_match_fp32_of_dequantized_weights(bits, pipelined, monkeypatch):
-    """The int4 and int8 GEMVs' loops, plain or software-pipelined (STAGES > 1), each alone in the autotuner, at a K
-    of several steps a channel (6000 values; int4: 94 groups of 64, a last step part masked) and N of no block."""
+def test_every_gemv_config_on_gpu_matches_fp32_of_dequantized_weights(bits, monkeypatch):
+    """Each of the int4 and int8 GEMVs' autotuner configs alone, at a K of several steps a channel (6000 values;
+    int4: 94 groups of 64, a last step part masked) and N of no block."""
     from torchfx_eff.kernels import weight_only_triton as wt
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
     from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 
-    tuned = wt._gemv_int4_tuned if bits == 4 else wt._gemv_tuned
-    monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if (c.kwargs["STAGES"] > 1) == pipelined])
-    monkeypatch.setattr(tuned, "cache", {})  # the other loop's choice for this shape
     N, K = 1000, 6000
     w, x = torch.randn(N, K, device="cuda"), torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     if bits == 4:
         codes, scales, zeros = quantize_int4(w, 64)
         deq = ((codes.float().reshape(N, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None])
         deq = deq.reshape(N, -1)[:, :K]  # K padded to whole groups by the quantizer
-        out = wt.weight_only_matmul(x, pack_int4(codes, 64), wt.aligned_rows(scales), wt.aligned_rows(zeros), None, 4,
-                                    64)
+        args = (pack_int4(codes, 64), wt.aligned_rows(scales), wt.aligned_rows(zeros), None, 4, 64)
     else:
         q, scales = quantize_per_channel(w)
-        deq = q.float() * scales.float()[:, None]
-        out = wt.weight_only_matmul(x, q, scales, None, None, 8, 0)
+        deq, args = q.float() * scales.float()[:, None], (q, scales, None, None, 8, 0)
     ref, scale = x.float() @ deq.T, x.float().abs() @ deq.abs().T
-    assert bool(((out.float() - ref).abs() <= 2 * 2.0 ** -8 * scale).all())
+    tuned = wt._gemv_int4_tuned if bits == 4 else wt._gemv_tuned
+    wrong = []
+    for config in list(tuned.configs):
+        monkeypatch.setattr(tuned, "configs", [config])
+        monkeypatch.setattr(tuned, "cache", {})
+        out = wt.weight_only_matmul(x, *args)
+        if not bool(((out.float() - ref).abs() <= 2 * 2.0 ** -8 * scale).all()):
+            wrong.append(str(config))
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("graphed", [False, True])

@@ -613,7 +613,7 @@ print("compiled")
 
 
 def test_every_gemm_and_gemv_config_compiles_for_hopper_at_every_group_size(cache_dir):
-    """The autotuner compiles all its configs and a compiler error in one fails the call: each config (the GEMVs'
-    software-pipelined loops too), at each group's dot length, must compile for sm90, for aligned and unaligned shapes (g32's dots of 16 K values did not
-    at BLOCK_N >= 128; Triton 3.6 failed g32 at unaligned scale rows, hence aligned_rows)."""
+    """The autotuner compiles all its configs and a compiler error in one fails the call: each GEMM and GEMV config,
+    at each group's dot length, must compile for sm90, for aligned and unaligned shapes (g32's dots of 16 K values
+    did not at BLOCK_N >= 128; Triton 3.6 failed g32 at unaligned scale rows, hence aligned_rows)."""
     compiles_for_sm90(TUNED_CONFIGS_FOR_SM90)

@@ -133,12 +133,10 @@ def _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, N
 @triton.jit
 def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
           eps, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-          NORM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr,
-          STAGES: tl.constexpr):
+          NORM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
     in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
-    are summed over K once, at the end. The first step is peeled: its weights load before the wait for x; STAGES as
-    in _gemv_int4."""
+    are summed over K once, at the end. The first step is peeled: its weights load before the wait for x."""
     CHUNKS: tl.constexpr = STEP_BYTES // (2 * PART)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,14 +144,11 @@ def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, st
     chunk = tl.arange(0, CHUNKS)[None, :, None]
     wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
     _wait_for_inputs(PDL)
-    acc, sq = tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32)
-    if STAGES == 1:
-        acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
-    for step in tl.range(1, tl.cdiv(K, 2 * PART * CHUNKS), num_stages=STAGES):
-        chunk_s = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        wa_s, wb_s = _weight_parts(W, S, Z, n, chunk_s, h, N, K, stride_wn, stride_sn, BITS, PART)
-        acc, sq = _int8_step(acc, sq, wa_s, wb_s, X, G, m, chunk_s, h, M, K, stride_xm, stride_xk, NORM, PART)
-    if STAGES > 1:
+    acc, sq = _int8_step(tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32), wa,
+                         wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
+    for step in range(1, tl.cdiv(K, 2 * PART * CHUNKS)):
+        chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
+        wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
         acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
     out = tl.sum(tl.sum(acc, 2), 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
@@ -226,14 +221,11 @@ def _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K,
 @triton.jit
 def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
                inv_k, eps, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr,
-               ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr,
-               STAGES: tl.constexpr):
+               ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BYTES: tl.constexpr):
     """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
     a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
     (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored. The first step's
-    weights load before the wait for x (_wait_for_inputs). Triton software-pipelines the loop over the other steps at
-    STAGES > 1: cp.async copies STAGES - 1 steps ahead into shared memory (the bytes in flight that DRAM bandwidth
-    needs; without it the loop has one step's loads in flight). Tiles are [GROUPS, BLOCK_N, PART]: Triton spreads
+    weights load before the wait for x (_wait_for_inputs). Tiles are [GROUPS, BLOCK_N, PART]: Triton spreads
     threads over the groups, so a thread holds several channels at the same K and converts each x value once for
     them (ordered [BLOCK_N, GROUPS, PART], threads spread over channels: 25-50% more sm90 instructions a weight)."""
     GROUPS: tl.constexpr = STEP_BYTES // (4 * PART)
@@ -246,18 +238,13 @@ def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_w
     x_ptrs = X + m * stride_xm + k_in_step * stride_xk
     s_off = g[:, None] + n[None, :] * stride_sn
     n_groups = K // (8 * PART)
-    words0, s0, z0 = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, 0, n_groups, GROUPS, PART)
+    words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, 0, n_groups, GROUPS, PART)
     _wait_for_inputs(PDL)
-    acc, sq = tl.zeros([GROUPS, BLOCK_N], tl.float32), tl.zeros([GROUPS], tl.float32)
-    if STAGES == 1:  # nothing runs ahead: the first step's registers are free before the loop
-        acc, sq = _int4_step(acc, sq, words0, s0, z0, x_ptrs, G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM,
-                             BLOCK_N, GROUPS, PART)
-    for step in tl.range(1, tl.cdiv(n_groups, GROUPS), num_stages=STAGES):
+    acc, sq = _int4_step(tl.zeros([GROUPS, BLOCK_N], tl.float32), tl.zeros([GROUPS], tl.float32), words, s, z, x_ptrs,
+                         G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM, BLOCK_N, GROUPS, PART)
+    for step in range(1, tl.cdiv(n_groups, GROUPS)):
         words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, step, n_groups, GROUPS, PART)
         acc, sq = _int4_step(acc, sq, words, s, z, x_ptrs, G, k_in_step, g, step, n_groups, K, stride_xk, NORM, ASM,
-                             BLOCK_N, GROUPS, PART)
-    if STAGES > 1:  # after the loop, whose copies then start right after the wait
-        acc, sq = _int4_step(acc, sq, words0, s0, z0, x_ptrs, G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM,
                              BLOCK_N, GROUPS, PART)
     out = tl.sum(acc, 0)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
     _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, 4, HAS_BIAS, EPILOGUE)
@@ -369,23 +356,19 @@ def _parts(bits: int, group_size: int) -> tuple[int, int]:
 
 def _prune_gemv(configs, named_args, **kwargs):
     """Accumulators of 1 to 64 fp32 registers a thread (fewer elements than threads would replicate work), blocks
-    no wider than N, and at most 65535 of them (the grid's second axis); pipelined loops only where there is a step
-    after the first."""
+    no wider than N, and at most 65535 of them (the grid's second axis)."""
     N, part = named_args["N"], kwargs["PART"]
     regs = lambda c: c.kwargs["BLOCK_N"] * c.kwargs["STEP_BYTES"] / (32 * c.num_warps)
     keep = [c for c in configs if 1 <= regs(c) <= 64 and c.kwargs["STEP_BYTES"] >= 2 * part
-            and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535
-            and (c.kwargs["STAGES"] == 1 or c.kwargs["STEP_BYTES"] < named_args["K"])]
+            and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
     return keep or configs[-1:]
 
 
 def _prune_gemv_int4(configs, named_args, **kwargs):
-    """Steps no longer than a channel's whole K (the rest would be masked work), blocks no wider than N, pipelined
-    loops only where there is a step after the first."""
+    """Steps no longer than a channel's whole K (the rest would be masked work), and blocks no wider than N."""
     channel_bytes, N = named_args["K"] // 2, named_args["N"]
     keep = [c for c in configs if c.kwargs["STEP_BYTES"] <= max(4 * kwargs["PART"], triton.next_power_of_2(channel_bytes))
-            and c.kwargs["BLOCK_N"] <= max(2, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535
-            and (c.kwargs["STAGES"] == 1 or c.kwargs["STEP_BYTES"] < channel_bytes)]
+            and c.kwargs["BLOCK_N"] <= max(2, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
     return keep or configs[:1]
 
 
@@ -402,30 +385,22 @@ _KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
 # of 512-1024 bytes a step.
-# Software-pipelined variants of the best (STAGES > 1; added untimed, see the int4 GEMV's below).
-_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b, "STAGES": st}, num_warps=w)
-                             for n, w, b, st in [(2, 1, 512, 1), (2, 1, 1024, 1), (2, 2, 1024, 1), (4, 1, 256, 1),
-                                                 (4, 2, 256, 1), (4, 4, 512, 1), (8, 1, 256, 1), (8, 4, 1024, 1),
-                                                 (16, 2, 256, 1), (16, 4, 256, 1), (32, 4, 256, 1), (64, 8, 256, 1),
-                                                 (2, 1, 512, 3), (2, 1, 1024, 3), (2, 2, 1024, 3), (4, 4, 512, 3),
-                                                 (8, 4, 1024, 3)]],
+_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
+                             for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
+                                             (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
                      _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
 # in bytes of a channel so that other group sizes keep them.
 # The three 2048-byte steps were added after the sweep, untimed (the longest it tried won; they compile for sm90
 # without spills): the autotuner times them with the rest, and they apply from K = 4096.
-# Software-pipelined variants of the leading ones (added untimed: ncu had the 4096x14336 GEMV at 40% of DRAM
-# bandwidth with one step's loads in flight; they compile for sm90 without spills and with 4 barriers a step where
-# the others have 10-20): only where a channel takes two steps or more.
-_gemv_int4_configs = [(8, 1024, 4, 1), (4, 1024, 4, 1), (4, 1024, 2, 1), (8, 1024, 2, 1), (16, 1024, 4, 1),
-                      (4, 1024, 1, 1), (8, 512, 4, 1), (8, 512, 2, 1), (2, 1024, 4, 1), (4, 512, 1, 1), (8, 2048, 4, 1),
-                      (4, 2048, 4, 1), (16, 2048, 8, 1),
-                      (8, 1024, 4, 3), (4, 1024, 4, 3), (8, 1024, 2, 3), (4, 1024, 2, 3), (8, 512, 4, 3), (8, 1024, 4, 2),
-                      (4, 2048, 4, 2)]
-_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b, "STAGES": st}, num_warps=w)
-                                       for n, b, w, st in _gemv_int4_configs], ["N", "K", "PART", "HAS_BIAS"],
-                          _prune_gemv_int4)
+# Software-pipelined loops (tl.range num_stages: cp.async steps ahead into shared memory) and a loop loading the next
+# step's weights before a step's arithmetic were tried: slower L2-cold at every shape timed on the H100.
+_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, b, w in
+                                       [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4),
+                                        (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4),
+                                        (4, 2048, 4), (16, 2048, 8)]],
+                          ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 # Few rows, few channels: at M = 16 and N = 2048 the 32- and 64-wide blocks fill 64 and 32 of the H100's 132 SMs
 # (0.31x cuBLAS bf16 at 8192x2048); 16-wide blocks of one or two warps fill 128.
 _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -489,10 +464,10 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
         if M <= GEMV_MAX_ROWS and bits == 4:
-            block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part, "STAGES": 1} if INTERPRETING else {}
+            block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
-            block = {"BLOCK_N": 64, "STEP_BYTES": 256, "STAGES": 1} if INTERPRETING else {}
+            block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
             _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **pdl, **block)
         else:
             block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
