@@ -157,8 +157,9 @@ def _chain_us(linears, x, replays=50) -> float:
 
 def chain_rows() -> list[dict]:
     """The 1.1B decode step's 64 linears back to back at M = 1 (CHAIN_LAYER x 16, distinct weights: even int4's
-    190 MB overflow L2): int4 g64 and int8 weight-only with and without programmatic dependent launch, against
-    cuBLAS bf16 and ATen's tinygemm int4 in the same chain. us per layer and effective bandwidth."""
+    190 MB overflow L2): int4 g64 and int8 weight-only with and without programmatic dependent launch, int4 also
+    with the e2e's folded norms and epilogues, against cuBLAS bf16 and ATen's tinygemm int4 in the same chain. us
+    per layer and effective bandwidth."""
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
     from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 
@@ -170,6 +171,12 @@ def chain_rows() -> list[dict]:
             (quantize_int4(w, 64) for w in weights)]
     int8 = [quantize_per_channel(w) for w in weights]
     tinygemm = [_aten_int4(w) for w in weights]
+    residual, norm = (torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16),
+                      torch.ones(2048, device="cuda", dtype=torch.bfloat16))
+    # as the e2e's sites run: Q/K/V and gate/up read a folded RMSNorm, gate/up applies SwiGLU, O and down add the
+    # residual (the layer's order in CHAIN_LAYER)
+    as_decoded = [dict(norm_weight=norm, norm_eps=1e-6), dict(epilogue="add", operand=residual),
+                  dict(epilogue="glu_silu", norm_weight=norm, norm_eps=1e-6), dict(epilogue="add", operand=residual)]
     chains = {
         "cublas_bf16": ([lambda h, w=w: F.linear(h, w) for w in weights], [2 * w.numel() for w in weights]),
         "aten_int4pack": (tinygemm, [w.numel() // 2 + 4 * w.numel() // 128 for w in weights]),
@@ -177,12 +184,15 @@ def chain_rows() -> list[dict]:
                              [sum(t.nbytes for t in p) for p in int4]),
         "int8_weight_only": ([lambda h, p=p: wt.weight_only_matmul(h, *p, None, None, 8, 0) for p in int8],
                              [sum(t.nbytes for t in p) for p in int8]),
+        "int4_weight_only+norms+epilogues": (
+            [lambda h, p=p, o=o: wt.weight_only_matmul(h, *p, None, 4, 64, **o)
+             for p, o in zip(int4, as_decoded * CHAIN_LAYERS)], [sum(t.nbytes for t in p) for p in int4]),
     }
     times = {name: (_chain_us(fns, x), sum(nbytes)) for name, (fns, nbytes) in chains.items()}
     launch = wt.programmatic_launch
     wt.programmatic_launch = lambda device: False
     try:
-        for name in ("int4_weight_only", "int8_weight_only"):
+        for name in ("int4_weight_only", "int8_weight_only", "int4_weight_only+norms+epilogues"):
             times[f"{name}+nopdl"] = (_chain_us(chains[name][0], x), times[name][1])
     finally:
         wt.programmatic_launch = launch
