@@ -392,10 +392,9 @@ _gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
 # in bytes of a channel so that other group sizes keep them.
-# The three 2048-byte steps were added after the sweep, untimed (the longest it tried won; they compile for sm90
-# without spills): the autotuner times them with the rest, and they apply from K = 4096.
-# Software-pipelined loops (tl.range num_stages: cp.async steps ahead into shared memory) and a loop loading the next
-# step's weights before a step's arithmetic were tried: slower L2-cold at every shape timed on the H100.
+# The three 2048-byte steps, added after the sweep (they apply from K = 4096), ran fastest at 5632 x 2048 since.
+# Software-pipelined loops (tl.range num_stages: cp.async steps ahead into shared memory) ran slower L2-cold at every
+# shape timed on the H100; a loop loading the next step's weights before a step's arithmetic went with them, untimed.
 _gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, b, w in
                                        [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4),
                                         (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4),
