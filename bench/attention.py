@@ -1,6 +1,6 @@
 """GPU attention suite: triton_flash against SDPA's flash, cuDNN and efficient backends (bf16, same run), the
-per-site choice the cost model makes, split-K decode, and end-to-end prefill of a 1.1B Llama against
-torch.compile max-autotune."""
+per-site choice the cost model makes (parts: kernels), split-K decode (decode), and end-to-end prefill of a 1.1B
+Llama against torch.compile max-autotune (e2e)."""
 from __future__ import annotations
 
 import functools
@@ -18,7 +18,9 @@ from torchfx_eff.kernels.triton_flash import flash_attention
 from models import llama
 
 SHAPES = [(4, 32, 4096, 128), (1, 32, 16384, 128), (16, 16, 1024, 64)]  # (B, H, L, D)
-DECODE = [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128)]  # (B, H, Hkv, Lk, D), one query
+# (B, H, Hkv, Lk, D, keys the mask keeps or None), one query; the last is the 1.1B decode's layer (static cache of
+# 768 positions, a bool mask over the filled ones)
+DECODE = [(1, 32, 8, 4096, 128, None), (1, 32, 8, 32768, 128, None), (1, 32, 8, 768, 64, 640)]
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
             "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -35,12 +37,12 @@ def _ms(fn, graph=False) -> float | None:
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def _candidates(q, k, v, causal, gqa=False):
-    out = {"triton_flash": lambda: flash_attention(q, k, v, None, causal)}
+def _candidates(q, k, v, causal, gqa=False, mask=None):
+    out = {"triton_flash": lambda: flash_attention(q, k, v, mask, causal)}
     for name, backend in BACKENDS.items():
         def run(backend=backend):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
         out[name] = run
     return out
 
@@ -50,17 +52,17 @@ class SDPA(torch.nn.Module):
         super().__init__()
         self.causal, self.gqa = causal, gqa
 
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.gqa)
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, mask, is_causal=self.causal, enable_gqa=self.gqa)
 
 
-def _choice(q, k, v, causal, gqa=False, cudagraphs=False) -> str:
+def _choice(q, k, v, causal, gqa=False, cudagraphs=False, mask=None) -> str:
     """What the cost model picks for this site, as it would in a user's graph (replayed from a CUDA graph when
     `cudagraphs`, as decode is)."""
     torch._dynamo.reset()
     torchfx_eff.reset()
     with torch.no_grad(), torch._inductor.config.patch({"triton.cudagraphs": cudagraphs}):
-        torch.compile(SDPA(causal, gqa), backend=torchfx_eff.backend())(q, k, v)
+        torch.compile(SDPA(causal, gqa), backend=torchfx_eff.backend())(q, k, v, mask)
     (site,) = [s for s in torchfx_eff.last_report().sites if s.kind == "attention"]
     return site.chosen
 
@@ -111,15 +113,23 @@ def kernels() -> list[dict]:
                                autotuned=str(getattr(triton_flash._flash_fwd_tuned, "best_config", None)))
                 rows.append(_conditional_rescale_row(label, q, k, v, flops))
             del q, k, v
-    for B, H, Hkv, Lk, D in DECODE:
+    return rows
+
+
+def decode() -> list[dict]:
+    """One query against a KV cache, every candidate replayed from a CUDA graph as decode runs."""
+    rows = []
+    for B, H, Hkv, Lk, D, kept in DECODE:
         q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Hkv, Lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        err = (flash_attention(q, k, v).float() - ref.float()).abs().max().item()
-        times = {name: _ms(fn, graph=True) for name, fn in _candidates(q, k, v, False, gqa=True).items()}
-        original = _ms(functools.partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True), graph=True)
-        site = _site_rows(f"decode Lk={Lk} Hkv={Hkv} (CUDA graph)", times, 0, 2 * B * Hkv * Lk * D * 2,
-                          _choice(q, k, v, False, gqa=True, cudagraphs=True), original)
+        mask = None if kept is None else (torch.arange(Lk, device="cuda") < kept).view(1, 1, 1, Lk)
+        ref = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+        err = (flash_attention(q, k, v, mask).float() - ref.float()).abs().max().item()
+        times = {name: _ms(fn, graph=True) for name, fn in _candidates(q, k, v, False, True, mask).items()}
+        original = _ms(functools.partial(F.scaled_dot_product_attention, q, k, v, mask, enable_gqa=True), graph=True)
+        label = f"decode Lk={Lk} Hkv={Hkv} D={D}{'' if kept is None else ' bool mask'} (CUDA graph)"
+        site = _site_rows(label, times, 0, 2 * B * Hkv * Lk * D * 2,
+                          _choice(q, k, v, False, gqa=True, cudagraphs=True, mask=mask), original)
         site[0]["max_abs_err_vs_sdpa"] = err
         rows += site
     return rows
@@ -157,4 +167,5 @@ def prefill(P: int = 4096) -> list[dict]:
 
 def gpu_attention(args) -> list[dict]:
     rows = kernels() if "kernels" in args.parts else []
+    rows += decode() if "decode" in args.parts else []
     return rows + (prefill() if "e2e" in args.parts else [])

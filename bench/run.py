@@ -22,7 +22,8 @@ import torch
 from torchfx_eff.config import ACCURACY
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = "kernels,chain,e2e"
+# each GPU suite's parts; --parts picks some (a subset names its file)
+PARTS = {"gpu_attention": "kernels,decode,e2e", "gpu_linear": "kernels,chain,e2e"}
 
 
 def versions() -> dict:
@@ -95,7 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=tuple(SUITES), default="cpu_decode")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default=PARTS, help="gpu_linear: kernels, chain, e2e, or several (a subset names its file)")
+    parser.add_argument("--parts", default=None,
+                        help="gpu_attention: kernels, decode, e2e; gpu_linear: kernels, chain, e2e; or several "
+                             "(default: all; a subset names its file)")
     parser.add_argument("--modes", default="",
                         help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e "
                              "also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
                         help="cpu_quality: move SmolLM2's linears off their 4-bit grid first (native-like weights)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    args.parts = args.parts or PARTS.get(args.suite, "")
 
     code = commit()  # before the suite runs: the code that is measured
     rows = run_suite(args.suite, args)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
-    parts = "" if args.parts == PARTS or not args.suite.startswith("gpu") else "-" + args.parts.replace(",", "-")
+    parts = "" if args.parts == PARTS.get(args.suite, "") else "-" + args.parts.replace(",", "-")
     path = args.out / f"{args.suite}{parts}-{slug}-{result['date'][:10]}.json"
     path.write_text(json.dumps(result, indent=1))
 
