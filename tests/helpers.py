@@ -159,16 +159,20 @@ def fused_away(report=None, graph_id=None) -> int:
 
 
 # weight_only_triton's three paths, each forced at any row count, and the rows the kernel tests take them at
-WEIGHT_ONLY_PATHS = [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64),
+WEIGHT_ONLY_PATHS = [("gemv", 1), ("gemv", 7), ("gemm", 1), ("gemm", 7), ("gemm", 64), ("split_gemm", 7),
                      ("dequantize", 1), ("dequantize", 7)]
 
 
 def force_weight_only_path(monkeypatch, path: str) -> None:
     from torchfx_eff.kernels import weight_only_triton
 
-    gemv_max, dequantize_min = {"gemv": (1 << 30, 1 << 30), "gemm": (0, 1 << 30), "dequantize": (0, 0)}[path]
+    gemv_max, dequantize_min = {"gemv": (1 << 30, 1 << 30), "gemm": (0, 1 << 30), "split_gemm": (0, 1 << 30),
+                                "dequantize": (0, 0)}[path]
     monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", gemv_max)
     monkeypatch.setattr(weight_only_triton, "DEQUANTIZE_MIN_ROWS", dequantize_min)
+    if path == "split_gemm":  # K split as finely as it goes: each split sums one step ("gemm" splits as it would)
+        steps = weight_only_triton.gemm_steps
+        monkeypatch.setattr(weight_only_triton, "gemm_splits", lambda M, N, K, bits, part, sms: (steps(K, bits, part), 1))
 
 
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}

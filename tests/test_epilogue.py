@@ -421,17 +421,19 @@ def to_cubin(fn, types, constexprs):
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 
-ints = dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_names + quant_gemm._scaled_mm.arg_names
+ints = dict.fromkeys(["M", "N", "K", "M_BUCKET", "steps_per_split", "splits"] + [n for n in wt._gemm.arg_names + quant_gemm._scaled_mm.arg_names
                                                   if n.startswith("stride")], "i32")
 pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
-            "G": "*bf16", "inv_k": "fp32", "eps": "fp32"}
+            "G": "*bf16", "Part": "*fp32", "inv_k": "fp32", "eps": "fp32"}
 flags = {"BITS": 8, "PART": 64, "HAS_BIAS": True, "NORM": True}
 to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STEP_BYTES": 256, "BLOCK_N": 16,
                                            "EPILOGUE": codegen.epilogue("glu_silu,add")})
-to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64,
+to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT": False,
                                            "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
 to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {**flags, "BITS": 4, "PART": 8, "CHUNKS": 8, "BLOCK_M": 16,
-         "BLOCK_N": 64, "EPILOGUE": codegen.epilogue("")})
+         "BLOCK_N": 64, "SPLIT": True, "EPILOGUE": codegen.epilogue("")})
+to_cubin(wt._split_sum, {**ints, **pointers}, {"BITS": 8, "HAS_BIAS": True, "NORM": True, "BLOCK_M": 16, "BLOCK_N": 64,
+         "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._dequantize, {**ints, "W": "*i32", "S": "*bf16", "Z": "*bf16", "Out": "*bf16", "stride_on": "i32"},
          {"BITS": 4, "PART": 8, "CHUNKS": 4, "BLOCK_N": 16})
 to_cubin(wt._gemv_int4, {**ints, **pointers, "W": "*i32"}, {"PART": 8, "HAS_BIAS": False, "NORM": True, "ASM": True,

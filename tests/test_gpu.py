@@ -320,7 +320,7 @@ def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it_on_cuda(backend):
 # Triton kernels compiled for the GPU (autotuned, bf16 for real), against fp32 products of the dequantized weights.
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 0)])
 @pytest.mark.parametrize("M", [1, 5, 17, 300])
-@pytest.mark.parametrize("kernel", ["gemv", "gemm", "dequantize"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "split_gemm", "dequantize"])
 @pytest.mark.parametrize("norm", [False, True])
 def test_weight_only_kernels_on_gpu_match_fp32_of_dequantized_weights(bits, group_size, M, kernel, norm, monkeypatch):
     """norm: x RMS-normalized first, folded into the kernels (fp32 reference of the normalized x)."""

@@ -1,6 +1,7 @@
 """int4 weight-only: quantization error bounds, the packed layout, the Triton kernels (interpreter: fp32/fp16) and
 ATen's CPU kernel against fp64 products of the dequantized weights, the cost formula by hand, and the backend end
 to end on both paths."""
+import itertools
 import math
 import types
 
@@ -253,6 +254,22 @@ def test_triton_kernels_match_fp64_reference(kernel, M, N, K, group_size, with_b
     ref, scale = _reference(x, dequantize(codes, scales, zeros, group_size, K), bias)
     err = (out.double() - ref).abs()
     assert bool((err <= TRITON_TOL[dtype] * scale).all()), (err / scale).max()
+
+
+def test_gemm_k_splits_cover_k_bound_their_sums_and_apply_only_to_few_tiles():
+    """Every step in exactly one split, none empty; the splits' fp32 sums (written, read) at most 1/4 of the weight
+    bytes; a split only where the 16 x 32 tiles do not fill the GPU twice (at 8192 x 2048, 16 rows, an H100's 132
+    SMs: split; at N = 14336: whole)."""
+    for M, N, K, (bits, part), sms in itertools.product((3, 5, 16, 33, 63), (1000, 2048, 14336), (100, 2000, 8192),
+                                                         ((4, 4), (4, 8), (4, 16), (8, 64)), (4, 132)):
+        splits, per_split = weight_only_triton.gemm_splits(M, N, K, bits, part, sms)
+        steps = weight_only_triton.gemm_steps(K, bits, part)
+        assert splits >= 1 and (splits - 1) * per_split < steps <= splits * per_split
+        if splits > 1:
+            assert 8 * splits * M * N <= N * K * bits / 8 / 4
+            assert math.ceil(M / 16) * math.ceil(N / 32) < 2 * sms
+    assert weight_only_triton.gemm_splits(16, 2048, 8192, 4, 8, 132)[0] > 1
+    assert weight_only_triton.gemm_splits(16, 14336, 4096, 4, 8, 132)[0] == 1
 
 
 def test_triton_kernel_keeps_leading_dims_and_reads_strided_input():
@@ -569,9 +586,10 @@ from triton.compiler import ASTSource
 from torchfx_eff import codegen
 from torchfx_eff.kernels import weight_only_triton as wt
 
-types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET"] + [n for n in wt._gemm.arg_names if n.startswith("stride")], "i32"),
+types = {**dict.fromkeys(["M", "N", "K", "M_BUCKET", "steps_per_split", "splits"]
+                         + [n for n in wt._gemm.arg_names if n.startswith("stride")], "i32"),
          "X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16", "G": "*bf16",
-         "inv_k": "fp32", "eps": "fp32"}
+         "Part": "*fp32", "inv_k": "fp32", "eps": "fp32"}
 
 
 def divisible(fn, N, K, bits):  # as a launch specializes: pointers, and the sizes and strides that are multiples
@@ -584,15 +602,15 @@ def divisible(fn, N, K, bits):  # as a launch specializes: pointers, and the siz
 
 def compile_one(i):
     tuned, config, weight, N, K, bits, constexprs = jobs[i]
-    fn = tuned.fn
-    given = {**constexprs, "stride_xk": 1, **config.kwargs}
+    fn = tuned.fn if isinstance(tuned, triton.runtime.Autotuner) else tuned  # an autotuner's kernel, or a plain one
+    given = {k: v for k, v in {**constexprs, "stride_xk": 1, **config.kwargs}.items() if k in fn.arg_names}
     signature = {n: "constexpr" if n in given else {**types, "W": weight}[n] for n in fn.arg_names}
     attrs = {k: v for k, v in divisible(fn, N, K, bits).items() if fn.arg_names[k[0]] not in given}
     try:
         triton.compile(ASTSource(fn, signature, given, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as e:
-        return f"{fn.__name__} bits={bits} PART={constexprs['PART']} N={N} K={K} {config}: {str(e).splitlines()[0]}"
+        return f"{fn.__name__} bits={bits} PART={constexprs.get('PART')} N={N} K={K} {config}: {str(e).splitlines()[0]}"
 
 
 jobs = []
@@ -600,10 +618,14 @@ for (bits, group_size, weight), (N, K) in itertools.product(
         [(4, 32, "*i32"), (4, 64, "*i32"), (4, 128, "*i32"), (8, 0, "*i8")], [(4096, 4096), (1000, 2000)]):
     part = wt._parts(bits, group_size)[1]
     common = {"PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False}
-    kernels = [(wt._gemm_tuned, {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)})]
+    gemm = {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)}
+    kernels = [(wt._gemm_tuned, {**gemm, "SPLIT": False}), (wt._gemm_tuned, {**gemm, "NORM": True, "SPLIT": True})]
     kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}) if bits == 4 else
                    (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "PDL": True}))
     jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]
+    split_sum = {"HAS_BIAS": True, "EPILOGUE": codegen.epilogue(""), "NORM": True, "BITS": bits}
+    jobs.append((wt._split_sum, triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}), weight, N, K, bits,
+                 split_sum))
 with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:  # the jobs' kernels are inherited, not pickled
     failed = [why for why in pool.map(compile_one, range(len(jobs)), chunksize=1) if why]
 if failed:

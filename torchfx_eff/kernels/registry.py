@@ -1,6 +1,7 @@
 """Implementations register here, next to their kernels; the pipeline asks by site kind."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -11,6 +12,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import codegen
 from ..config import ACCURACY
 from ..passes.linear import is_output_linear
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for kernels that size their grids to the GPU; elsewhere (Triton's
+    interpreter) 4, a small GPU, so that small test shapes take the same split paths."""
+    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 4
 
 
 @dataclass

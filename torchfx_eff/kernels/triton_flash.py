@@ -15,7 +15,6 @@ loads), fp16/bf16 (fp32 accumulation) and fp32 (IEEE dots), ragged lengths.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 from ..cost import formulas
 from ..passes.graph import fake
 from .attention_inputs import site_key, site_mask
-from .registry import Implementation, Replacement, needs_dtype, register
+from .registry import Implementation, Replacement, needs_dtype, register, sm_count
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 # FA4's conditional rescaling tolerates a stale running max up to 2^RESCALE_LOG2 below the true one. Measured on
@@ -261,11 +260,6 @@ def uses_decode(Lq: int, group: int, Lk: int) -> bool:
     return group * Lq <= 64 and Lk >= 256
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _empty_out(q, v):
     """[B, H, Lq, Dv] with [B, Lq, H, Dv] memory: models transpose it back, and then no copy is made."""
     B, H, Lq, _ = q.shape
@@ -292,7 +286,7 @@ def flash_attention(q, k, v, mask=None, is_causal=False, scale=None, softcap=Non
     if uses_decode(Lq, group, Lk):
         block_m = max(16, triton.next_power_of_2(group * Lq))
         block_n = (block or (0, 64))[1]
-        sms = 4 if q.device.type != "cuda" else _sm_count(q.device.index or 0)
+        sms = sm_count(q.device)
         nsplit = decode_splits(B, Hkv, Lk, block_n, sms)
         per_split = triton.cdiv(triton.cdiv(Lk, nsplit), block_n) * block_n
         nsplit = triton.cdiv(Lk, per_split)
