@@ -221,9 +221,10 @@ WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run w
 # Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released);
 # "+nonorms" keeps the RMSNorms out of the linears reading them (Config.fuse_norms, on by default); "+calibrate" times
 # the applicable candidates on the real inputs instead of trusting estimates; "+flash" gives every attention site to
-# triton_flash (its split-K decode), whatever the cost model would pick.
+# triton_flash (its split-K decode), whatever the cost model would pick; "+nocombo" turns Inductor's combo kernels off.
 MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "nonorms": {"fuse_norms": False},
-                "calibrate": {"calibrate": True}, "flash": {"attention": ("triton_flash",)}, "nopdl": {}}
+                "calibrate": {"calibrate": True}, "flash": {"attention": ("triton_flash",)}, "nopdl": {},
+                "nocombo": {"combo_kernels": False}}
 # "+nopdl": the weight-only GEMVs launch plainly, not overlapping the previous kernel (programmatic dependent launch)
 MODE_SWITCHES = {"nopdl": lambda: setattr(weight_only_triton, "programmatic_launch", lambda device: False)}
 

@@ -61,6 +61,23 @@ def test_siblings_are_fused_and_outputs_match(family):
     assert all(s.hints["N"] in linear_at[s.graph_id, s.location] for s in fused)
 
 
+def test_qkv_of_a_static_cache_decode_is_fused():
+    """The value projection's piece is copied into a StaticCache in place (index_copy_): a read, so q/k/v fuse."""
+    import transformers as T
+
+    model = make_model("llama", SMALL, torch.float32)
+    ids = torch.randint(0, 128, (1, 6))
+    logits = []
+    for step in (model, compiled(model)):
+        cache = T.StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            logits.append(step(ids[:, -1:], past_key_values=cache, cache_position=torch.tensor([6])).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    groups = DECODER_GROUPS["llama"] * SMALL["layers"]
+    assert sorted(int(s.op.split(" x")[1]) for s in sites("siblings")) == sorted(groups)
+
+
 def test_qkv_record_names_members_and_counts_the_copy():
     model = make_model("qwen2", SMALL, torch.float32)  # q/k/v have biases in Qwen2
     _run(model, torch.randint(0, 128, (1, 4)))
@@ -76,15 +93,21 @@ def test_qkv_record_names_members_and_counts_the_copy():
 
 
 class _Pair(torch.nn.Module):
-    def __init__(self, bias_b=True, view_a=None, return_both=False):
+    def __init__(self, bias_b=True, view_a=None, return_both=False, cache_a=False, scale_a_=False):
         super().__init__()
         self.a, self.b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 24, bias=bias_b)
-        self.view_a, self.return_both = view_a, return_both
+        self.view_a, self.return_both, self.scale_a_ = view_a, return_both, scale_a_
+        self.register_buffer("cache", torch.zeros(5, 3, 16) if cache_a else None)
 
     def forward(self, x):
         a, b = self.a(x), self.b(x)
         if self.view_a:
             a = a.view(self.view_a)
+        if self.scale_a_:
+            a.mul_(2)
+        if self.cache is not None:  # a static KV cache's write: the piece is the source, the cache is mutated
+            self.cache.index_copy_(0, torch.tensor([1, 3]), a)
+            a = self.cache
         return (a, b) if self.return_both else a.sum() * b
 
 
@@ -94,6 +117,8 @@ class _Pair(torch.nn.Module):
     ({"view_a": (-1,)}, 0),  # a view that merges the split dimension: invalid on a slice of the fused output
     ({"view_a": (2, 3, 4, 4)}, 1),  # a view that only splits the last dimension is fine
     ({"return_both": True}, 0),  # the caller may expect the contiguous tensors the linears returned
+    ({"cache_a": True}, 1),  # copied into a buffer in place: read, not written
+    ({"scale_a_": True}, 0),  # written in place
 ])
 def test_fusion_conditions(case, fused):
     torch.manual_seed(0)

@@ -350,8 +350,10 @@ def _dispatches(records) -> bool:
 
 
 def _inductor_options(config: Config) -> dict:
-    """Inductor settings of the inner compile: those of torch.compile's mode when Config.inner names one."""
-    return {} if config.inner in ("inductor", "eager") else torch._inductor.list_mode_options(config.inner)
+    """Inductor settings of the inner compile: those of torch.compile's mode when Config.inner names one, and
+    Config.combo_kernels."""
+    mode = {} if config.inner in ("inductor", "eager") else torch._inductor.list_mode_options(config.inner)
+    return {**mode, "combo_kernels": True} if config.combo_kernels else mode
 
 
 def _replayed_from_cuda_graphs(config: Config) -> bool:

@@ -122,9 +122,10 @@ def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id
 def _users_accept(node: fx.Node, value, base: torch.Tensor, new_meta: dict) -> bool:
     """Whether every user of `node` still works when `node` yields `value`, a view of `base` (a strided piece of
     the fused output). Users run on fake tensors; the users of views are checked in turn (a view that merges
-    the split dimension with others would fail). A graph output or an in-place user is refused."""
+    the split dimension with others would fail). A graph output or an in-place op on the node is refused; one that
+    only reads it (a cache's index_copy_ of it) is run like any user."""
     for user in node.users:
-        if user.op not in ("call_function", "call_method") or _in_place(user):
+        if user.op not in ("call_function", "call_method") or _writes_into(user, node):
             return False
         try:
             with base.fake_mode:  # ops that make constants (masks) need the mode, not only fake arguments
@@ -149,9 +150,11 @@ def _run_fake(node: fx.Node, env: dict):
     return call(node, value)
 
 
-def _in_place(node: fx.Node) -> bool:
+def _writes_into(node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node` is an in-place op on `value` (its self argument or out=)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
+    in_place = name.endswith("_") and not name.endswith("__") and node.args and node.args[0] is value
+    return bool(in_place) or node.kwargs.get("out") is value
 
 
 def _flat(value) -> list:
