@@ -207,15 +207,15 @@ def test_original_cost_failure_does_not_crash_the_compile(monkeypatch):
 
 
 class _FlakyInductor:
-    """Stands in for Inductor's compile_fx: the first call (the rewritten graph) raises, later calls run the
-    graph they are given as is (no real Inductor compile, so this stays fast)."""
+    """Stands in for Inductor's compile_fx: it raises on a graph that holds our ops (the rewritten graph, with or
+    without combo kernels) and runs any other graph as is (no real Inductor compile, so this stays fast)."""
 
     def __init__(self):
         self.graphs = []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
-        if len(self.graphs) == 1:
+        if _has_torchfx_eff_op(gm):
             raise Boom("inductor broke")
         return gm.forward
 
@@ -240,11 +240,43 @@ def test_inner_compile_failure_compiles_the_original_graph(flaky_inductor):
     with torch.no_grad():
         out = compiled(model, inner="inductor")(x)
         ref = model(x)
-    assert len(flaky_inductor.graphs) == 2
-    assert _has_torchfx_eff_op(flaky_inductor.graphs[0]) and not _has_torchfx_eff_op(flaky_inductor.graphs[1])
+    # the rewritten graph with combo kernels, then without; then the original
+    assert [_has_torchfx_eff_op(gm) for gm in flaky_inductor.graphs] == [True, True, False]
     assert torch.equal(out, ref)  # the original graph runs
     [g] = sites("graph")
     assert g.status == "fallback" and "inner compile failed" in g.reason and "inductor broke" in g.reason
+    assert sites("inductor") == []  # without combo kernels it failed too: not their fault
+
+
+@pytest.mark.parametrize("combo_kernels", [True, False])
+def test_combo_kernel_failure_compiles_without_them(monkeypatch, combo_kernels):
+    """An Inductor that fails with combo kernels on: the rewritten graph compiles without them and an "inductor"
+    record says so. Config.combo_kernels=False turns them off whatever Inductor's global setting."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    model = LinearStack().to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        rewritten_eager = compiled(model)(x)  # the same rewrites, without Inductor
+    calls = []
+
+    def fails_with_combo_kernels(gm, example_inputs):
+        calls.append((_has_torchfx_eff_op(gm), torch._inductor.config.combo_kernels))
+        if torch._inductor.config.combo_kernels:
+            raise Boom("combo kernel codegen broke")
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fails_with_combo_kernels)
+    with torch.no_grad(), torch._inductor.config.patch(combo_kernels=True):  # as if the user had set it globally
+        out = compiled(model, inner="inductor", combo_kernels=combo_kernels)(x)
+    assert calls == ([(True, True), (True, False)] if combo_kernels else [(True, False)])
+    assert torch.equal(out, rewritten_eager)
+    assert sites("linear", "rewritten") and sites("graph") == []
+    if combo_kernels:
+        [record] = sites("inductor")
+        assert record.status == "fallback" and "combo kernel codegen broke" in record.reason
+    else:
+        assert sites("inductor") == []
 
 
 def test_inner_compile_failure_with_strict_raises(flaky_inductor):

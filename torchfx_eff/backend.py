@@ -89,7 +89,7 @@ class Backend:
             records = [SiteRecord(graph_id, "graph", "fallback", "-", reason=str(e))]
         if _dispatches(records) and self.config.inner != "eager":
             try:
-                compiled = _compile_fx(rewritten, example_inputs, self.config)
+                compiled = _compile_fx(rewritten, example_inputs, self.config, records, graph_id)
             except torch._dynamo.exc.RestartAnalysis:
                 raise
             except Exception as e:  # Inductor cannot lower some torch.cond graphs: rewrite again without them
@@ -101,9 +101,9 @@ class Backend:
                 log.warning("torchfx_eff: graph %d: %s", graph_id, why)
                 for r in records:
                     r.reason = f"{r.reason}; {why}" if r.kind == "linear" and r.status == "rewritten" else r.reason
-                compiled = self.inner_compile(rewritten, gm, example_inputs, records)
+                compiled = self.inner_compile(rewritten, gm, example_inputs, records, graph_id)
         else:
-            compiled = self.inner_compile(rewritten, gm, example_inputs, records)
+            compiled = self.inner_compile(rewritten, gm, example_inputs, records, graph_id)
         guarded = _guard_packed_weights(compiled, gm, packed, graph_id, self.config.log)
         runs = gm if any(r.kind == "graph" and r.status == "fallback" for r in records) else rewritten
         records += memory.settle(guarded, graph_id, runs, rewritten, example_inputs, [t for t, _ in packed],
@@ -317,31 +317,46 @@ class Backend:
                f"(each the fastest passing candidate of its regime)")
         return rep, chosen, how
 
-    def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, records: list):
+    def inner_compile(self, rewritten: fx.GraphModule, original: fx.GraphModule, example_inputs, records: list,
+                      graph_id: int):
         """Compile the rewritten graph; if the inner compiler fails on it, the original, and say so in records."""
         if self.config.inner == "eager":
             return rewritten.forward
         try:
-            return _compile_fx(rewritten, example_inputs, self.config)
+            return _compile_fx(rewritten, example_inputs, self.config, records, graph_id)
         except torch._dynamo.exc.RestartAnalysis:
             raise  # not a failure: Dynamo re-traces the frame (e.g. to specialize a float) and calls us again
         except Exception as e:
             if self.config.strict or rewritten is original:
                 raise
             why = f"inner compile failed on the rewritten graph ({type(e).__name__}: {e}); the original graph runs"
-            log.warning("torchfx_eff: graph %d: %s", records[0].graph_id if records else -1, why)
+            log.warning("torchfx_eff: graph %d: %s", graph_id, why)
             for r in records:
                 if r.status == "rewritten":
                     r.status, r.chosen, r.reason = "fallback", "original", why
-            records.append(SiteRecord(records[0].graph_id if records else -1, "graph", "fallback", "-", reason=why))
-            return _compile_fx(original, example_inputs, self.config)
+            records.append(SiteRecord(graph_id, "graph", "fallback", "-", reason=why))
+            return _compile_fx(original, example_inputs, self.config, records, graph_id)
 
 
-def _compile_fx(gm: fx.GraphModule, example_inputs, config: Config):
+def _compile_fx(gm: fx.GraphModule, example_inputs, config: Config, records: list, graph_id: int):
+    """Inductor under Config's options; where it fails with combo kernels, again without them (an "inductor" record
+    says so: a newer Inductor feature, where our rewrites are not the cause)."""
     from torch._inductor.compile_fx import compile_fx
 
-    with torch._inductor.config.patch(_inductor_options(config)):
-        return compile_fx(gm, example_inputs)
+    try:
+        with torch._inductor.config.patch(_inductor_options(config)):
+            return compile_fx(gm, example_inputs)
+    except torch._dynamo.exc.RestartAnalysis:
+        raise
+    except Exception as e:
+        if config.strict or not config.combo_kernels:
+            raise
+        compiled = _compile_fx(gm, example_inputs, dataclasses.replace(config, combo_kernels=False), records, graph_id)
+        why = (f"Inductor failed with combo kernels ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
+               f"compiled without them")
+        log.warning("torchfx_eff: graph %d: %s", graph_id, why)
+        records.append(SiteRecord(graph_id, "inductor", "fallback", "combo_kernels", reason=why))
+        return compiled
 
 
 def _dispatches(records) -> bool:
@@ -353,7 +368,7 @@ def _inductor_options(config: Config) -> dict:
     """Inductor settings of the inner compile: those of torch.compile's mode when Config.inner names one, and
     Config.combo_kernels."""
     mode = {} if config.inner in ("inductor", "eager") else torch._inductor.list_mode_options(config.inner)
-    return {**mode, "combo_kernels": True} if config.combo_kernels else mode
+    return {**mode, "combo_kernels": config.combo_kernels}
 
 
 def _replayed_from_cuda_graphs(config: Config) -> bool:

@@ -61,7 +61,8 @@ class Config:
         candidate (int8, or the original). On SmolLM2 it takes int4 g64 from +7.2% perplexity to +5.25%.
     combo_kernels: let the inner Inductor compile launch independent kernels as one (its combo kernels: a decode
         layer's RoPE of q, RoPE of k with the key cache write, the value cache write), where kernel launches rather
-        than bytes bound a step. On the H100 the 1.1B's int4 decode went 1136 -> 1277 tok/s with it.
+        than bytes bound a step. On the H100 the 1.1B's int4 decode went 1388 -> 1484 tok/s with it. Where Inductor
+        fails with them, the graph compiles without them (an "inductor" record says so).
     log: path of a JSONL file that receives every compiled graph's records.
     device: name of a device spec (see torchfx_eff.cost.devices.SPECS) to cost for instead of the detected one.
     """
