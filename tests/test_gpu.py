@@ -387,6 +387,26 @@ def test_every_gemv_config_on_gpu_matches_fp32_of_dequantized_weights(bits, monk
     assert not wrong, wrong
 
 
+def _equal_with_and_without_programmatic_launch(fn, graphed, monkeypatch):
+    """fn()'s output with programmatic dependent launch equals that of plain launches bit for bit, on a stream or
+    replayed from a CUDA graph (fn runs once first: compiles and autotuning stay outside any capture)."""
+    from torchfx_eff.kernels import weight_only_triton as wt
+
+    def run():
+        fn()
+        if not graphed:
+            return fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        graph.replay()
+        return out.clone()
+
+    with_pdl = run()
+    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
+    assert torch.equal(with_pdl, run())
+
+
 @pytest.mark.parametrize("graphed", [False, True])
 def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypatch):
     """A chain of GEMVs, each reading the one before and a residual a plain kernel writes just before it: launched
@@ -414,19 +434,7 @@ def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypat
             h = h / h.abs().amax()
         return h
 
-    def run():
-        chain()  # compile and autotune outside any capture
-        if not graphed:
-            return chain()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        graph.replay()
-        return out.clone()
-
-    with_pdl = run()
-    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
-    assert torch.equal(with_pdl, run())
+    _equal_with_and_without_programmatic_launch(chain, graphed, monkeypatch)
 
 
 @pytest.mark.parametrize("graphed", [False, True])
@@ -453,19 +461,7 @@ def test_decode_attention_under_programmatic_launch_equals_plain_launches(graphe
         attn = flash_attention(q0 * 1.5, k, v, keep)
         return wt.weight_only_matmul(attn.transpose(1, 2).reshape(1, 2048), *o_proj, None, 4, 64)
 
-    def run():
-        step()  # compile and autotune outside any capture
-        if not graphed:
-            return step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        return out.clone()
-
-    with_pdl = run()
-    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
-    assert torch.equal(with_pdl, run())
+    _equal_with_and_without_programmatic_launch(step, graphed, monkeypatch)
 
 
 # Activation-quantized linears (kernels/fp8.py, w8a8_smooth.py, quant_gemm.py): the Triton 8-bit GEMM compiled for
