@@ -61,11 +61,12 @@ def test_siblings_are_fused_and_outputs_match(family):
     assert all(s.hints["N"] in linear_at[s.graph_id, s.location] for s in fused)
 
 
-def test_qkv_of_a_static_cache_decode_is_fused():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_qkv_of_a_static_cache_decode_is_fused(family):
     """The value projection's piece is copied into a StaticCache in place (index_copy_): a read, so q/k/v fuse."""
     import transformers as T
 
-    model = make_model("llama", SMALL, torch.float32)
+    model = make_model(family, SMALL, torch.float32)
     ids = torch.randint(0, 128, (1, 6))
     logits = []
     for step in (model, compiled(model)):
@@ -74,7 +75,7 @@ def test_qkv_of_a_static_cache_decode_is_fused():
             model(ids, past_key_values=cache)
             logits.append(step(ids[:, -1:], past_key_values=cache, cache_position=torch.tensor([6])).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
-    groups = DECODER_GROUPS["llama"] * SMALL["layers"]
+    groups = DECODER_GROUPS[family] * SMALL["layers"]
     assert sorted(int(s.op.split(" x")[1]) for s in sites("siblings")) == sorted(groups)
 
 
