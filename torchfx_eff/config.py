@@ -44,8 +44,9 @@ class Config:
     calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
     fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
-        weights, before matching (exact). Off by default: the concatenation is a copy kept next to the
-        module's parameters (about +70% of a Llama layer's weight bytes). linear="off" turns it off too.
+        weights, before matching (exact). Off by default: the concatenation is a copy (about +70% of a Llama layer's
+        weight bytes) next to the module's parameters; it is freed once no compiled graph reads it as is (its linear
+        packed), but a fused linear kept in the original dtype keeps it. linear="off" turns it off too.
     fuse_epilogues: let a linear's Triton kernel apply the pointwise ops after it (activation, SwiGLU, residual add,
         dtype cast) before it stores its output (codegen/ generates them); checked by the gate like any rewrite.
         Estimates credit the fusion; calibrate=True times the linears alone.

@@ -4,7 +4,7 @@ A released tensor keeps its object and metadata (shape, dtype, stride, device: w
 being graph inputs); its storage is resized to 0 bytes, as FSDP does. Its bytes go home first, so that it can
 always come back: to host memory from an accelerator; on the CPU, where host memory is the memory being freed, to
 an unlinked temporary file in the cache directory. A fused siblings' concatenation (passes/siblings.py) has no
-home: it is recomputed from its members.
+home: it is recomputed from its members; it is released with Config.release_weights off too, as it is our copy.
 
 Each compiled graph registers, for as long as it lives, the tensors it reads as they are (an unrewritten node, a
 tied embedding, a fallback, its original graph once parameters changed): those stay resident, or come back. A graph
@@ -195,7 +195,8 @@ def settle(graph, graph_id: int, runs: fx.GraphModule, rewritten: fx.GraphModule
            release: bool, records: list[SiteRecord]) -> list[SiteRecord]:
     """Once graph `graph_id` is compiled (`graph`: the callable Dynamo keeps; `runs`: the fx graph it runs): register
     what it reads as is, then decide for each tensor that its rewrites packed (`packed`), each fused copy and each
-    released tensor it took whether it stays resident or, under Config.release_weights, is released. Returns one
+    released tensor it took whether it stays resident or, under Config.release_weights, is released (a fused copy,
+    ours and recomputable, is released whatever the setting once no graph reads it as is). Returns one
     "weight" record per decision, and gives the graph's rewritten linear records their resident bytes."""
     reads = [(t, f"graph {graph_id}: {where}") for t, where in _reads(runs, inputs)]
     for t, what in reads:
@@ -213,7 +214,7 @@ def settle(graph, graph_id: int, runs: fx.GraphModule, rewritten: fx.GraphModule
             _restore(t)
             _HOMES.pop(t, None)
             status, why = "kept", f"read as is by {reader}"
-        elif not release and t not in _HOMES:
+        elif not release and t not in _HOMES and not name.startswith(FUSED_COPY_PREFIX):
             status, why = "kept", "Config.release_weights is off: the original stays beside its packed copy"
         elif (refusal := _unreleasable(t)) is not None:
             status, why = "kept", refusal
