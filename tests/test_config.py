@@ -49,7 +49,8 @@ def test_bad_family_value(field, bad):
         assert word in msg
 
 
-@pytest.mark.parametrize("field", ["calibrate", "strict", "fuse_epilogues", "fuse_norms", "output_linear_8bit"])
+@pytest.mark.parametrize("field", ["calibrate", "strict", "fuse_epilogues", "fuse_norms", "output_linear_8bit",
+                                   "combo_kernels"])
 @pytest.mark.parametrize("bad", [1, 0, "true", None])
 def test_booleans_must_be_bool(field, bad):
     with pytest.raises(ValueError) as e:
@@ -93,13 +94,14 @@ def test_from_env_reads_every_field(tmp_path):
         "TORCHFX_EFF_INNER": "eager",
         "TORCHFX_EFF_CALIBRATE": "TRUE",
         "TORCHFX_EFF_STRICT": "1",
+        "TORCHFX_EFF_COMBO_KERNELS": "0",
         "TORCHFX_EFF_LOG": log,
         "TORCHFX_EFF_DEVICE": "h100",
         "UNRELATED": "x",
     }
     c = Config.from_env(environ=env)
     assert c == Config(attention="off", linear=("int8_weight_only", "original"), accuracy="aggressive",
-                       inner="eager", calibrate=True, strict=True, log=log, device="h100")
+                       inner="eager", calibrate=True, strict=True, combo_kernels=False, log=log, device="h100")
 
 
 def test_from_env_empty_environment_gives_defaults():
