@@ -169,7 +169,7 @@ def force_weight_only_path(monkeypatch, path: str) -> None:
     gemv_max, dequantize_min = {"gemv": (1 << 30, 1 << 30), "gemm": (0, 1 << 30), "split_gemm": (0, 1 << 30),
                                 "dequantize": (0, 0)}[path]
     monkeypatch.setattr(weight_only_triton, "GEMV_MAX_ROWS", gemv_max)
-    monkeypatch.setattr(weight_only_triton, "DEQUANTIZE_MIN_ROWS", dequantize_min)
+    monkeypatch.setattr(weight_only_triton, "DEQUANTIZE_MIN_ROWS", {4: dequantize_min, 8: dequantize_min})
     if path == "split_gemm":  # K split as finely as it goes: each split sums one step ("gemm" splits as it would)
         steps = weight_only_triton.gemm_steps
         monkeypatch.setattr(weight_only_triton, "gemm_splits", lambda M, N, K, bits, part, sms: (steps(K, bits, part), 1))

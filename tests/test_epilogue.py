@@ -304,22 +304,22 @@ def test_backend_fuses_on_the_triton_path_like_the_unfused_graph(name, name_int,
 
 
 def test_weight_only_fuses_below_the_rows_where_cublas_takes_over(triton_path):
-    """From DEQUANTIZE_MIN_ROWS rows cuBLAS multiplies the decoded weights: there a site keeps its epilogue as graph
+    """From DEQUANTIZE_MIN_ROWS[8] rows cuBLAS multiplies the decoded weights: there a site keeps its epilogue as graph
     ops, which Inductor fuses into one pass."""
     model = Net(FUSED["gelu"][0]).eval()
     with torch.no_grad():
-        compiled(model)(torch.randn(weight_only_triton.DEQUANTIZE_MIN_ROWS, 32), torch.randn(1, 48))
+        compiled(model)(torch.randn(weight_only_triton.DEQUANTIZE_MIN_ROWS[8], 32), torch.randn(1, 48))
     [site] = sites("linear")
     assert (site.status, site.chosen, site.epilogue) == ("rewritten", "int8_weight_only", "")
     assert "its epilogue (gelu) stays as graph ops: int8_weight_only does not fuse it here" in site.reason
 
 
 def test_symbolic_rows_fuse_and_rerun_at_other_sizes(triton_path):
-    """Fused for rows that may take the Triton kernels; past DEQUANTIZE_MIN_ROWS a pass of its own applies it."""
+    """Fused for rows that may take the Triton kernels; past DEQUANTIZE_MIN_ROWS[8] a pass of its own applies it."""
     model = Net(lambda m, x, r: F.silu(m.a(x)) * m.b(x) + r).eval()
     cm = torch.compile(model, dynamic=True, backend=torchfx_eff.backend(torchfx_eff.Config(
         inner="eager", linear=("int8_weight_only",))))
-    for rows in (3, 5, 70):
+    for rows in (3, 5, 70, weight_only_triton.DEQUANTIZE_MIN_ROWS[8] + 1):
         x, r = torch.randn(rows, 32), torch.randn(rows, 48)
         with torch.no_grad():
             torch.testing.assert_close(cm(x, r), model(x, r), rtol=0.05, atol=0.05)  # int8 weights
@@ -428,10 +428,10 @@ pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", 
 flags = {"BITS": 8, "PART": 64, "HAS_BIAS": True, "NORM": True}
 to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STEP_BYTES": 256, "BLOCK_N": 16,
                                            "EPILOGUE": codegen.epilogue("glu_silu,add")})
-to_cubin(wt._gemm, {**ints, **pointers}, {**flags, "CHUNKS": 1, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT": False,
-                                           "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
-to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {**flags, "BITS": 4, "PART": 8, "CHUNKS": 8, "BLOCK_M": 16,
-         "BLOCK_N": 64, "SPLIT": True, "EPILOGUE": codegen.epilogue("")})
+to_cubin(wt._mma_gemm, {**ints, **pointers}, {"HAS_BIAS": True, "NORM": True, "BLOCK_M": 16, "BLOCK_N": 64,
+         "STAGES": 4, "SPLIT": False, "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
+to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {"PART": 8, "HAS_BIAS": True, "NORM": True, "CHUNKS": 8,
+         "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT": True, "EPILOGUE": codegen.epilogue("")})
 to_cubin(wt._split_sum, {**ints, **pointers}, {"BITS": 8, "HAS_BIAS": True, "NORM": True, "BLOCK_M": 16, "BLOCK_N": 64,
          "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._dequantize, {**ints, "W": "*i32", "S": "*bf16", "Z": "*bf16", "Out": "*bf16", "stride_on": "i32"},

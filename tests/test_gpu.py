@@ -612,9 +612,12 @@ def _int8_everywhere(monkeypatch):
 def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(monkeypatch):
     """int8 weight-only on every linear (its cost divided to drive every size to it), with and without fused
     epilogues, siblings fused (gate/up pairs in one tile): residual adds and SwiGLU fused in the GEMV (1 token) and
-    the GEMM (16), not from DEQUANTIZE_MIN_ROWS (64: cuBLAS); outputs within bf16 rounding of the unfused compile."""
+    the GEMM (16), not from DEQUANTIZE_MIN_ROWS[8] (cuBLAS); outputs within bf16 rounding of the unfused compile."""
+    from torchfx_eff.kernels import weight_only_triton
+
     _int8_everywhere(monkeypatch)
-    outs = _llama_logits_with_and_without("fuse_epilogues", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
+    outs = _llama_logits_with_and_without("fuse_epilogues", (1, 16, weight_only_triton.DEQUANTIZE_MIN_ROWS[8]),
+                                          linear=("int8_weight_only",), fuse_siblings=True)
     assert sites("graph") == [], torchfx_eff.last_report()
     linear = matched("linear")
     assert all((s.status, s.chosen) == ("rewritten", "int8_weight_only") for s in linear), torchfx_eff.last_report()
@@ -628,10 +631,13 @@ def test_llama_bf16_fused_epilogues_under_inductor_match_the_unfused_compile(mon
 
 def test_llama_bf16_folded_norms_under_inductor_match_the_unfolded_compile(monkeypatch):
     """int8 weight-only on every linear (its cost divided, as above), siblings fused, with and without RMSNorms
-    folded: both norms of every layer fold at 1, 16 and 64 tokens (GEMV, GEMM, cuBLAS path); outputs within bf16
-    rounding of the unfolded compile."""
+    folded: both norms of every layer fold at 1, 16 and DEQUANTIZE_MIN_ROWS[8] tokens (GEMV, GEMM, cuBLAS path);
+    outputs within bf16 rounding of the unfolded compile."""
+    from torchfx_eff.kernels import weight_only_triton
+
     _int8_everywhere(monkeypatch)
-    outs = _llama_logits_with_and_without("fuse_norms", (1, 16, 64), linear=("int8_weight_only",), fuse_siblings=True)
+    outs = _llama_logits_with_and_without("fuse_norms", (1, 16, weight_only_triton.DEQUANTIZE_MIN_ROWS[8]),
+                                          linear=("int8_weight_only",), fuse_siblings=True)
     assert sites("graph") == [], torchfx_eff.last_report()
     norms = sites("norm")
     assert [s.status for s in norms] == ["rewritten"] * 2 * GPU_SIZES["layers"] * 3, [s.reason for s in norms]

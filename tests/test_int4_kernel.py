@@ -256,20 +256,25 @@ def test_triton_kernels_match_fp64_reference(kernel, M, N, K, group_size, with_b
     assert bool((err <= TRITON_TOL[dtype] * scale).all()), (err / scale).max()
 
 
-def test_gemm_k_splits_cover_k_bound_their_sums_and_apply_only_to_few_tiles():
-    """Every step in exactly one split, none empty; the splits' fp32 sums (written, read) at most 1/4 of the weight
-    bytes; a split only where the 16 x 32 tiles do not fill the GPU twice (at 8192 x 2048, 16 rows, an H100's 132
-    SMs: split; at N = 14336: whole)."""
-    for M, N, K, (bits, part), sms in itertools.product((3, 5, 16, 33, 63), (1000, 2048, 14336), (100, 2000, 8192),
-                                                         ((4, 4), (4, 8), (4, 16), (8, 64)), (4, 132)):
+def test_gemm_k_splits_cover_k_and_apply_only_to_few_tiles():
+    """Every step in exactly one split, none empty. int4: the splits' fp32 sums (written, read) at most 1/4 of the
+    weight bytes, a split only where the 16 x 32 tiles do not fill the GPU twice; int8: a split only where its 128 x
+    64 tiles fill less than half the SMs, each split at least 8 steps. At an H100's 132 SMs, as measured best: 16
+    rows of 8192 x 2048 split, of 4096 x 14336 whole; int8 128 rows of 8192 x 2048 in 8."""
+    for M, N, K, (bits, part), sms in itertools.product((3, 5, 16, 33, 63, 128, 511), (1000, 2048, 14336),
+                                                         (100, 2000, 8192), ((4, 4), (4, 8), (4, 16), (8, 64)), (4, 132)):
         splits, per_split = weight_only_triton.gemm_splits(M, N, K, bits, part, sms)
         steps = weight_only_triton.gemm_steps(K, bits, part)
         assert splits >= 1 and (splits - 1) * per_split < steps <= splits * per_split
-        if splits > 1:
+        if splits > 1 and bits == 4:
             assert 8 * splits * M * N <= N * K * bits / 8 / 4
             assert math.ceil(M / 16) * math.ceil(N / 32) < 2 * sms
-    assert weight_only_triton.gemm_splits(16, 2048, 8192, 4, 8, 132)[0] > 1
-    assert weight_only_triton.gemm_splits(16, 14336, 4096, 4, 8, 132)[0] == 1
+        if splits > 1 and bits == 8:
+            assert 2 * math.ceil(M / 128) * math.ceil(N / 64) <= sms and per_split >= 8
+    for bits, part in ((4, 8), (8, 64)):
+        assert weight_only_triton.gemm_splits(16, 2048, 8192, bits, part, 132)[0] > 1
+        assert weight_only_triton.gemm_splits(16, 14336, 4096, bits, part, 132)[0] == 1
+    assert weight_only_triton.gemm_splits(128, 2048, 8192, 8, 64, 132)[0] == 8
 
 
 def test_triton_kernel_keeps_leading_dims_and_reads_strided_input():
@@ -618,8 +623,11 @@ for (bits, group_size, weight), (N, K) in itertools.product(
         [(4, 32, "*i32"), (4, 64, "*i32"), (4, 128, "*i32"), (8, 0, "*i8")], [(4096, 4096), (1000, 2000)]):
     part = wt._parts(bits, group_size)[1]
     common = {"PART": part, "HAS_BIAS": False, "EPILOGUE": codegen.epilogue(""), "NORM": False}
-    gemm = {**common, "BITS": bits, "CHUNKS": wt.gemm_chunks(bits, part)}
-    kernels = [(wt._gemm_tuned, {**gemm, "SPLIT": False}), (wt._gemm_tuned, {**gemm, "NORM": True, "SPLIT": True})]
+    if bits == 4:
+        gemm, tuned = {**common, "CHUNKS": wt.gemm_chunks(part)}, wt._gemm_tuned
+    else:
+        gemm, tuned = {k: v for k, v in common.items() if k != "PART"}, wt._mma_gemm_tuned
+    kernels = [(tuned, {**gemm, "SPLIT": False}), (tuned, {**gemm, "NORM": True, "SPLIT": True})]
     kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}) if bits == 4 else
                    (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "PDL": True}))
     jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]

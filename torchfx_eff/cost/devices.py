@@ -51,13 +51,14 @@ _HOPPER_EFFICIENCY = {
     # weight-only Triton kernels (int4/int8_weight_only) on the H100, L2-cold (bench/results/gpu_linear-*): the GEMV
     # (1-2 rows) reaches 0.37-0.59 (int4, at 8-64 MB matrices; 0.2-0.33 at the 2-6 MB ones of a 1.1B model) / 0.55-0.8
     # (int8) of copy bandwidth at one row and decodes the weights again
-    # for each further row (its FLOP fraction); the GEMM reaches 0.3 (int4) / 0.4 (int8) of the bf16 rate at 2048
-    # rows and, its K split where its tiles are few (gemm_splits), 0.15-0.21 / 0.37-0.57 of bandwidth at 4-16
+    # for each further row (its FLOP fraction); int4's GEMM reaches 0.3 of the bf16 rate at 2048 rows and, its K
+    # split where its tiles are few (gemm_splits), 0.15-0.21 of bandwidth at 4-16; int8's MMA GEMM 0.66-0.71 of
+    # the bf16 rate at 1024-4096 rows and 0.44-0.71 of bandwidth at 16 (scratch sweep, 5 shapes, 2026-12-06)
     # the decoding pass (from 64 rows) moves its bytes (packed in, decoded out) at 0.88-0.97 (int4) and 0.91-0.93
     # (int8) of copy bandwidth (4096x4096: 14.8 / 18.1 us; 4096x14336: 57 / 65 us)
     "int4_decode": (1.0, 0.9), "int8_decode": (1.0, 0.9),
     # the int4 GEMV's FLOP fraction: >= 0.0072 measured (5.7 TFLOP/s at 4096x14336, M=1, still bandwidth-bound)
-    "int4_gemv": (0.008, 0.45), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.6), "int8_gemm": (0.4, 0.4),
+    "int4_gemv": (0.008, 0.45), "int4_gemm": (0.3, 0.15), "int8_gemv": (0.004, 0.6), "int8_gemm": (0.66, 0.55),
 }
 
 

@@ -213,7 +213,7 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
     aten_cost = functools.partial(formulas.linear_int4_weight_only, group_size=group_size)
 
     def triton_cost(site, spec):
-        return wt.triton_cost(formulas.linear_int4_weight_only(site, spec, group_size, (wt.GEMV_MAX_ROWS, wt.DEQUANTIZE_MIN_ROWS)), spec)
+        return wt.triton_cost(formulas.linear_int4_weight_only(site, spec, group_size, (wt.GEMV_MAX_ROWS, wt.DEQUANTIZE_MIN_ROWS[4])), spec)
 
     def on_triton(site) -> bool:
         return wt.uses_triton(site, _aten_refusal(site), aten_cost, triton_cost)
@@ -245,7 +245,7 @@ def _implementation(name: str, group_size: int, accuracy: str) -> Implementation
                            sources={site.weight_name: site.weight})
 
     return Implementation(name, "linear", lambda site, spec: wt.applicable(site, _aten_refusal(site)), cost, replace,
-                          accuracy=accuracy, weight_bits=4, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site))
+                          accuracy=accuracy, weight_bits=4, fuses=lambda site: on_triton(site) and wt.epilogue_rows(site, 4))
 
 
 # All three stay "aggressive": per-site budgets compound, and on SmolLM2 (bench cpu_quality, calibrated, GPTQ)

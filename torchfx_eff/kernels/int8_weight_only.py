@@ -48,7 +48,7 @@ def applicable(site, spec) -> str | None:
 
 def _triton_cost(site, spec):
     N, K = site.dims["N"], site.dims["K"]
-    return wt.triton_cost(formulas.linear_weight_only_triton(site, spec, 8, N * K + 2 * N, wt.GEMV_MAX_ROWS, wt.DEQUANTIZE_MIN_ROWS), spec)
+    return wt.triton_cost(formulas.linear_weight_only_triton(site, spec, 8, N * K + 2 * N, wt.GEMV_MAX_ROWS, wt.DEQUANTIZE_MIN_ROWS[8]), spec)
 
 
 def _on_triton(site) -> bool:
@@ -72,4 +72,4 @@ def replace(site) -> Replacement:
 
 
 register(Implementation("int8_weight_only", "linear", applicable, _cost, replace, accuracy="balanced", weight_bits=8,
-                        fuses=lambda site: _on_triton(site) and wt.epilogue_rows(site)))
+                        fuses=lambda site: _on_triton(site) and wt.epilogue_rows(site, 8)))

@@ -1,20 +1,23 @@
 """Triton matmuls over weight-only quantized linears, shared by `int4_weight_only` and `int8_weight_only`: x in its
 own dtype times weights decoded in registers, fp32 accumulation. Up to GEMV_MAX_ROWS rows: a GEMV, one program per
-(row, block of output channels), products summed in registers. More rows: a GEMM that decodes the weight tile to
-x's dtype for tl.dot, its K split over programs where its tiles alone would leave the GPU latency-bound
-(gemm_splits; _split_sum adds the splits in order). From DEQUANTIZE_MIN_ROWS rows on, the weights are decoded once into x's dtype and cuBLAS
-multiplies: the decode pass costs ~3 bytes a weight, while the tl.dot GEMM, decoding every tile for every row
-block on CUDA cores, reaches only 0.2-0.5x of cuBLAS there.
+(row, block of output channels), products summed in registers. More rows: a GEMM, its K split over programs where
+its tiles alone would leave the GPU latency-bound (gemm_splits; _split_sum adds the splits in order). From
+DEQUANTIZE_MIN_ROWS[bits] rows on, the weights are decoded once into x's dtype and cuBLAS multiplies (the decode
+pass costs ~3 bytes a weight).
+
+The GEMMs differ by bits: int8's (_mma_gemm) takes W x^T, the weight tile converted in registers as the MMA's first
+operand, so channels fill the MMA's 64-row side at any row count (H100, L2-cold: 1.1-1.5x cuBLAS bf16 at 16 rows,
+0.8-1.2x at 128, where decode-then-cuBLAS ran 0.4-0.56x); int4's (_gemm) decodes the weight tile to x's dtype for
+tl.dot with x as the first operand (the same swap ran it 10-15% slower, int4's decode being the longer).
 
 K is cut into chunks whose weights come as PARTS parts of PART contiguous K values each, meeting PARTS contiguous
-runs of x:
+runs of x (the GEMV, int4's GEMM and the decode pass):
 - int8: [N, K] int8 with one scale per channel; a chunk is 2 * INT8_HALF bytes of a channel, in two parts (the
   channel scale multiplies the accumulator once, at the end);
 - int4: a chunk is one quantization group in int4_weight_only's layout: G / 8 int32 words whose nibble i holds the
   group's i-th eighth, decoded with the group's scale and zero.
-A step of either kernel takes several chunks at once: the GEMV so that each thread has a few 16-byte loads in
-flight (a decode GEMV is latency-bound otherwise), the GEMM so that each tl.dot sums GEMM_DOT_K (int8) or
-INT4_DOT_K (int4) K values.
+A step takes several chunks at once: the GEMV so that each thread has a few 16-byte loads in flight (a decode GEMV
+is latency-bound otherwise), int4's GEMM so that each tl.dot sums INT4_DOT_K K values.
 
 The int4 GEMV has a kernel of its own (_gemv_int4): a nibble becomes the fp32 128 + q with one shift and one LOP3
 (moved under 128.0's exponent, whose ulp is 1/65536), products sum per group unscaled, and each group's scale and
@@ -39,11 +42,14 @@ INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its
 PTX = not INTERPRETING and torch.version.hip is None  # inline PTX compiles for NVIDIA GPUs only
 # The GEMV decodes the weights again for each row: on the H100 it beats the GEMM at 1 and 2 rows, not at 4.
 GEMV_MAX_ROWS = 2
-DEQUANTIZE_MIN_ROWS = 64  # H100: the tl.dot GEMM is ~0.8x cuBLAS at 16 rows, 0.2-0.5x at 128
+# From these rows (by bits) the weights are decoded once for cuBLAS. H100, L2-cold: at 128 rows int4's GEMM ran
+# 0.15-0.35x cuBLAS bf16, the decode pass 0.4-0.6x; int8's MMA GEMM and the decode pass tie at 512 rows
+# (0.55-0.77x against 0.61-0.68x), at 1024 the decode pass leads (0.75-0.78x against 0.56-0.73x).
+DEQUANTIZE_MIN_ROWS = {4: 64, 8: 512}
 GROUP_SIZES = (32, 64, 128)  # int4 groups: chunks of 16..64 bytes a channel
 INT4_PARTS = 8  # nibbles of an int32 word: a group's eighths
 INT8_HALF = 64  # int8 chunks of 128 bytes a channel, in two parts
-GEMM_DOT_K = 64  # K values of each tl.dot in the GEMM (int8); int4's eighths are 8 dots of INT4_DOT_K[PART]
+INT8_GEMM_K = tl.constexpr(128)  # K values of a step of int8's GEMM (_mma_gemm): a 128-byte line of each channel
 # int4, by a group's eighth (PART words). H100, M=16, g64: dots of 16 K values ran 1.03-1.16x the byte layout's GEMM
 # time, of 32 1.4x, of 64 1.8x (the decoded eighths of a longer step spill). g32's eighths of 4 words need dots of 64:
 # at 16 or 32, Triton's sm90 pipeliner rejects the word tile's shared layout at BLOCK_N >= 128 (Triton 3.6 and 3.7)
@@ -260,40 +266,79 @@ def _dot_chunks(acc, x, w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: 
 
 @triton.jit
 def _gemm(X, W, S, Z, B, Out, E, G, Part, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em,
-          inv_k, eps, steps_per_split, M_BUCKET, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr,
+          inv_k, eps, steps_per_split, M_BUCKET, PART: tl.constexpr, HAS_BIAS: tl.constexpr,
           EPILOGUE: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr, CHUNKS: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row blocks on program axis 0 (the fastest): the row blocks of one channel block share its weights in L2.
-    A step's chunks lie side by side along each part's dot K, in the same order for x and the weights. fp32 x
-    multiplies as TF32 on the GPU, far below int4/int8 rounding. SPLIT: program axis 2 takes steps_per_split steps
+    """int4. Row blocks on program axis 0 (the fastest): the row blocks of one channel block share its weights in
+    L2. A step's chunks lie side by side along each part's dot K, in the same order for x and the weights. fp32 x
+    multiplies as TF32 on the GPU, far below int4 rounding. SPLIT: program axis 2 takes steps_per_split steps
     of K and writes its fp32 sums (and with NORM its rows' squares, from channel block 0) to Part for _split_sum."""
-    PARTS: tl.constexpr = 8 if BITS == 4 else 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m, n, j = offs_m[:, None, None], offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sq = tl.zeros([BLOCK_M, CHUNKS, PART], tl.float32)
     first = tl.program_id(2) * steps_per_split
-    for step in range(first, tl.minimum(first + steps_per_split, tl.cdiv(K, PARTS * PART * CHUNKS))):
+    for step in range(first, tl.minimum(first + steps_per_split, tl.cdiv(K, 8 * PART * CHUNKS))):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, BITS, PART)
-        for p in tl.static_range(PARTS):
-            x = _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, PARTS, PART)
+        w = _weight_parts(W, S, Z, n, chunk, j, N, K, stride_wn, stride_sn, 4, PART)
+        for p in tl.static_range(8):
+            x = _x_part(X, m, chunk, j, p, M, K, stride_xm, stride_xk, 8, PART)
             if NORM:  # the weight-scaled x rounds to x's dtype for the dot, as the norm's output does
-                xn, sq = _normed(x.to(tl.float32), sq, G, (chunk * PARTS + p) * PART + j, K, NORM)
+                xn, sq = _normed(x.to(tl.float32), sq, G, (chunk * 8 + p) * PART + j, K, NORM)
                 x = xn.to(x.dtype)
             acc = _dot_chunks(acc, x, w[p], BLOCK_M, BLOCK_N, CHUNKS * PART)
+    _finish(acc, tl.sum(tl.sum(sq, 2), 1), S, B, Out, E, Part, offs_m, offs_n, M, N, stride_om, stride_em, inv_k, eps,
+            4, HAS_BIAS, EPILOGUE, NORM, SPLIT)
+
+
+@triton.jit
+def _finish(acc, sq_rows, S, B, Out, E, Part, offs_m, offs_n, M, N, stride_om, stride_em, inv_k, eps, BITS: tl.constexpr,
+            HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """A GEMM program's sums acc [BLOCK_M, BLOCK_N] and its rows' squares: SPLIT, its split's fp32 sums (and, from
+    channel block 0, the squares) to Part for _split_sum; else through _store."""
     if SPLIT:
         row = N + (1 if NORM else 0)
         part = Part + tl.program_id(2) * M * row
         ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(part + offs_m[:, None] * row + offs_n[None, :], acc, mask=ok)
         if NORM:
-            tl.store(part + offs_m * row + N, tl.sum(tl.sum(sq, 2), 1), mask=(offs_m < M) & (tl.program_id(1) == 0))
+            tl.store(part + offs_m * row + N, sq_rows, mask=(offs_m < M) & (tl.program_id(1) == 0))
     else:
         if NORM:
-            acc = acc * _rms(tl.sum(tl.sum(sq, 2), 1), inv_k, eps, NORM)[:, None]
+            acc = acc * _rms(sq_rows, inv_k, eps, NORM)[:, None]
         _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
+
+
+@triton.jit
+def _mma_gemm(X, W, S, Z, B, Out, E, G, Part, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om,
+              stride_em, inv_k, eps, steps_per_split, M_BUCKET, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+              NORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              STAGES: tl.constexpr):
+    """int8 as W x^T: the weight tile [BLOCK_N, INT8_GEMM_K], converted to x's dtype in registers, is the MMA's first
+    operand (sm90's wgmma reads that one from registers; the second comes through shared memory), x^T [INT8_GEMM_K,
+    BLOCK_M] its second, so that channels fill the MMA's 64-row side however few the rows (int8 values are exact in
+    bf16, fp16 and TF32). Program axes as _gemm's; channels and rows past N and M read the last one (no masks in the
+    loop) and are not stored."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, INT8_GEMM_K)
+    w_ptrs = W + tl.minimum(offs_n, N - 1)[:, None] * stride_wn + k[None, :]
+    x_ptrs = X + tl.minimum(offs_m, M - 1)[None, :] * stride_xm + k[:, None] * stride_xk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    sq = tl.zeros([BLOCK_M], tl.float32)
+    first = tl.program_id(2) * steps_per_split
+    for step in tl.range(first, tl.minimum(first + steps_per_split, tl.cdiv(K, INT8_GEMM_K)), num_stages=STAGES):
+        k_ok = step * INT8_GEMM_K + k < K
+        w = tl.load(w_ptrs + step * INT8_GEMM_K, mask=k_ok[None, :], other=0)
+        x = tl.load(x_ptrs + step * INT8_GEMM_K * stride_xk, mask=k_ok[:, None], other=0.0)
+        if NORM:  # the weight-scaled x rounds to x's dtype for the dot, as the norm's output does
+            xn, squares = _normed(x.to(tl.float32), tl.zeros_like(sq)[None, :], G, step * INT8_GEMM_K + k[:, None], K,
+                                  NORM)
+            x, sq = xn.to(x.dtype), sq + tl.sum(squares, 0)  # summed each step: a [K, BLOCK_M] tile spills
+        acc = tl.dot(w.to(x.dtype), x, acc)
+    _finish(tl.trans(acc), sq, S, B, Out, E, Part, offs_m, offs_n, M, N, stride_om, stride_em, inv_k, eps, 8,
+            HAS_BIAS, EPILOGUE, NORM, SPLIT)
 
 
 @triton.jit
@@ -377,9 +422,9 @@ def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, -t.shape[1] % 16))
 
 
-def gemm_chunks(bits: int, part: int) -> int:
-    """Chunks a GEMM step takes: one tl.dot of GEMM_DOT_K (int8) or INT4_DOT_K[part] (int4) K values per part."""
-    return max(1, (INT4_DOT_K[part] if bits == 4 else GEMM_DOT_K) // part)
+def gemm_chunks(part: int) -> int:
+    """Chunks (groups) a step of int4's GEMM takes: one tl.dot of INT4_DOT_K[part] K values per eighth."""
+    return max(1, INT4_DOT_K[part] // part)
 
 
 def _parts(bits: int, group_size: int) -> tuple[int, int]:
@@ -439,7 +484,14 @@ _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_war
                              for m, n, w, s in [(16, 16, 1, 4), (16, 16, 2, 4), (16, 32, 2, 4),
                                                 (16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
                                                 (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
-                     _KEY + ["M_BUCKET", "steps_per_split"], _prune_gemm)
+                     ["N", "K", "PART", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
+# int8's GEMM: 64 or 128 channels (the MMA's rows) by 16..256 rows. H100, a sweep at M = 16 and 128 (5 shapes,
+# K split as gemm_splits does): ... TODO
+_mma_gemm_tuned = _tuned(_mma_gemm, [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "STAGES": st}, num_warps=w)
+                                     for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 5),
+                                                         (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3),
+                                                         (128, 256, 8, 3)]],
+                         ["N", "K", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
 
 
 @functools.cache
@@ -476,7 +528,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     out = torch.empty(M, shape[-1], dtype=out_dtype or x.dtype, device=x.device)
     e, stride_em = codegen.operand_arg(epilogue, operand, out, shape)
     store = codegen.epilogue(epilogue)
-    if M >= DEQUANTIZE_MIN_ROWS:
+    if M >= DEQUANTIZE_MIN_ROWS[bits]:
         x2 = x2 if norm_weight is None else rms_norm(x2, norm_weight, norm_eps)
         y = F.linear(x2, dequantize(weight, scales, zeros, bits, group_size, K, x.dtype), bias)
         if not epilogue and y.dtype == out.dtype:
@@ -508,16 +560,24 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
 
 def gemm_steps(K: int, bits: int, part: int) -> int:
     """Steps of the GEMM's K loop."""
-    return triton.cdiv(K, (8 if bits == 4 else 2) * part * gemm_chunks(bits, part))
+    return triton.cdiv(K, 8 * part * gemm_chunks(part) if bits == 4 else INT8_GEMM_K.value)
 
 
 def gemm_splits(M: int, N: int, K: int, bits: int, part: int, sms: int) -> tuple[int, int]:
-    """(K splits, steps a split) for the GEMM. At few rows a program's step is ~1 KB of weights, so where the tiles
-    (counted at 16 x 32) do not fill the GPU twice, K is split until ~8 programs an SM hide DRAM latency; the
-    splits' fp32 sums move at most 1/4 of the weights' bytes. H100, M = 4/16, L2-cold: K x N = 8192 x 2048
-    int4 42.6/47.0 -> 19.7/21.1 us, int8 31.6/32.5 -> 15.5/14.1; 14336 x 4096 int4 M = 16 111.7 -> 53.0; at
-    4096 x 14336 (448 tiles) three splits ran int4 5-12% faster but int8 14-23% slower, hence whole."""
+    """(K splits, steps a split) for the GEMM.
+    int4: a program's step is ~1 KB of weights, so where the tiles (counted at 16 x 32) do not fill the GPU twice,
+    K is split until ~8 programs an SM hide DRAM latency; the splits' fp32 sums move at most 1/4 of the weights'
+    bytes. H100, M = 4/16, L2-cold: K x N = 8192 x 2048 42.6/47.0 -> 19.7/21.1 us; 14336 x 4096 M = 16 111.7 ->
+    53.0; at 4096 x 14336 (448 tiles) three splits ran 5-12% faster.
+    int8 (_mma_gemm): where its tiles (counted at 128 rows x 64 channels) fill less than half the SMs, K is split
+    toward two programs an SM, a split at least 8 steps. H100, L2-cold, the best of 1/2/4/8 splits at 16 and 128
+    rows: 4 or 8 at 32-64 tiles (8192 x 2048 M = 128: 32.1 -> 18.7 us with 8), 1 at 128-224."""
     steps = gemm_steps(K, bits, part)
+    if bits == 8:
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 64)
+        splits = 1 if 2 * tiles > sms else max(1, min(triton.cdiv(2 * sms, tiles), steps // 8))
+        per_split = triton.cdiv(steps, splits)
+        return triton.cdiv(steps, per_split), per_split
     tiles = triton.cdiv(M, 16) * triton.cdiv(N, 32)
     if tiles >= 2 * sms:
         return 1, steps
@@ -531,10 +591,14 @@ def _split_gemm(args, bits, flags, device):
     x2, weight, scales, zeros, bias, out, e, norm, M, N, K, *strides, stride_om, stride_em, inv_k, eps = args
     splits, per_split = gemm_splits(M, N, K, bits, flags["PART"], sm_count(device))
     sums = torch.empty(splits, M, N + flags["NORM"], dtype=torch.float32, device=device) if splits > 1 else out
-    block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
-    _gemm_tuned[grid](*args[:8], sums, *args[8:], per_split, min(triton.next_power_of_2(M), 4096), BITS=bits, **flags,
-                      SPLIT=splits > 1, CHUNKS=gemm_chunks(bits, flags["PART"]), **block)
+    common = (*args[:8], sums, *args[8:], per_split, min(triton.next_power_of_2(M), 4096))
+    if bits == 4:
+        block = {"BLOCK_M": 32, "BLOCK_N": 64} if INTERPRETING else {}
+        _gemm_tuned[grid](*common, **flags, SPLIT=splits > 1, CHUNKS=gemm_chunks(flags["PART"]), **block)
+    else:
+        block = {"BLOCK_M": 32, "BLOCK_N": 64, "STAGES": 1} if INTERPRETING else {}
+        _mma_gemm_tuned[grid](*common, **{k: v for k, v in flags.items() if k != "PART"}, SPLIT=splits > 1, **block)
     if splits > 1:
         _split_sum[(triton.cdiv(M, 16), triton.cdiv(N, 64))](
             sums, scales, bias, out, e, M, N, splits, stride_om, stride_em, inv_k, eps, BITS=bits,
@@ -574,10 +638,10 @@ def triton_cost(roofline_cost, spec):
     return cost if spec.type == "cuda" else cost * INTERPRETER_SLOWDOWN
 
 
-def epilogue_rows(site):
-    """Where the Triton path applies an epilogue in its kernels' store: below DEQUANTIZE_MIN_ROWS (from there cuBLAS
-    multiplies and a pass of its own applies it)."""
-    return site.dims["M"] < DEQUANTIZE_MIN_ROWS
+def epilogue_rows(site, bits: int):
+    """Where the Triton path applies an epilogue in its kernels' store: below DEQUANTIZE_MIN_ROWS[bits] (from there
+    cuBLAS multiplies and a pass of its own applies it)."""
+    return site.dims["M"] < DEQUANTIZE_MIN_ROWS[bits]
 
 
 def uses_triton(site, aten_refusal: str | None, aten_cost, interpreted_cost) -> bool:
