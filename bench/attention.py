@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
 import torchfx_eff
-from torchfx_eff.kernels import triton_flash, weight_only_triton
+from torchfx_eff.kernels import triton_flash
 from torchfx_eff.kernels.triton_flash import flash_attention
 
 from models import llama
@@ -131,22 +131,8 @@ def decode() -> list[dict]:
         site = _site_rows(label, times, 0, 2 * B * Hkv * Lk * D * 2,
                           _choice(q, k, v, False, gqa=True, cudagraphs=True, mask=mask), original)
         site[0]["max_abs_err_vs_sdpa"] = err
-        plain = _plain_launch_ms(lambda: flash_attention(q, k, v, mask))
-        site.insert(1, {"name": f"{label} triton_flash+nopdl", "value": 2 * B * Hkv * Lk * D * 2 / plain / 1e6,
-                        "unit": "GB/s", "ms": plain})
         rows += site
     return rows
-
-
-def _plain_launch_ms(fn) -> float | None:
-    """fn's time (CUDA graph) with programmatic dependent launch off, where sm90 launches triton_flash's decode
-    kernels with it."""
-    launch = weight_only_triton.programmatic_launch
-    weight_only_triton.programmatic_launch = lambda device: False
-    try:
-        return _ms(fn, graph=True)
-    finally:
-        weight_only_triton.programmatic_launch = launch
 
 
 def prefill(P: int = 4096) -> list[dict]:

@@ -225,8 +225,7 @@ WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run w
 MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "nonorms": {"fuse_norms": False},
                 "calibrate": {"calibrate": True}, "flash": {"attention": ("triton_flash",)}, "nopdl": {},
                 "nocombo": {"combo_kernels": False}}
-# "+nopdl": the weight-only GEMVs and triton_flash's decode kernels launch plainly, not overlapping the previous
-# kernel (programmatic dependent launch)
+# "+nopdl": the weight-only GEMVs launch plainly, not overlapping the previous kernel (programmatic dependent launch)
 MODE_SWITCHES = {"nopdl": lambda: setattr(weight_only_triton, "programmatic_launch", lambda device: False)}
 
 

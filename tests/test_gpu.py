@@ -387,26 +387,6 @@ def test_every_gemv_config_on_gpu_matches_fp32_of_dequantized_weights(bits, monk
     assert not wrong, wrong
 
 
-def _equal_with_and_without_programmatic_launch(fn, graphed, monkeypatch):
-    """fn()'s output with programmatic dependent launch equals that of plain launches bit for bit, on a stream or
-    replayed from a CUDA graph (fn runs once first: compiles and autotuning stay outside any capture)."""
-    from torchfx_eff.kernels import weight_only_triton as wt
-
-    def run():
-        fn()
-        if not graphed:
-            return fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-        graph.replay()
-        return out.clone()
-
-    with_pdl = run()
-    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
-    assert torch.equal(with_pdl, run())
-
-
 @pytest.mark.parametrize("graphed", [False, True])
 def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypatch):
     """A chain of GEMVs, each reading the one before and a residual a plain kernel writes just before it: launched
@@ -434,34 +414,19 @@ def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypat
             h = h / h.abs().amax()
         return h
 
-    _equal_with_and_without_programmatic_launch(chain, graphed, monkeypatch)
+    def run():
+        chain()  # compile and autotune outside any capture
+        if not graphed:
+            return chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        return out.clone()
 
-
-@pytest.mark.parametrize("graphed", [False, True])
-def test_decode_attention_under_programmatic_launch_equals_plain_launches(graphed, monkeypatch):
-    """triton_flash's split-K decode with its query and newest cached key written by plain kernels just before it,
-    and a GEMV reading its output right after: under programmatic dependent launch (sm90 on) its outputs equal
-    those of plain launches bit for bit, on a stream and replayed from a CUDA graph."""
-    from torchfx_eff.kernels import weight_only_triton as wt
-    from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
-    from torchfx_eff.kernels.triton_flash import flash_attention, uses_decode
-
-    if not wt.programmatic_launch(torch.device("cuda")):
-        pytest.skip("programmatic dependent launch needs sm90")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q0 = torch.randn(1, 32, 1, 64, generator=g, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 8, 768, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    keep = (torch.arange(768, device="cuda") < 700).view(1, 1, 1, 768)  # the 1.1B decode's bool mask
-    c, s, z = quantize_int4(torch.randn(2048, 2048, generator=g, device="cuda"), 64)
-    o_proj = (pack_int4(c, 64), wt.aligned_rows(s), wt.aligned_rows(z))
-    assert uses_decode(1, 4, 768)
-
-    def step():
-        k[:, :, 699] = q0[:, ::4, 0] * 2.0  # the cache write of the newest key, a plain kernel
-        attn = flash_attention(q0 * 1.5, k, v, keep)
-        return wt.weight_only_matmul(attn.transpose(1, 2).reshape(1, 2048), *o_proj, None, 4, 64)
-
-    _equal_with_and_without_programmatic_launch(step, graphed, monkeypatch)
+    with_pdl = run()
+    monkeypatch.setattr(wt, "programmatic_launch", lambda device: False)
+    assert torch.equal(with_pdl, run())
 
 
 # Activation-quantized linears (kernels/fp8.py, w8a8_smooth.py, quant_gemm.py): the Triton 8-bit GEMM compiled for

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compiled, compiles_for_sm90, make_model, matched, sites, sqnr_ref
+from helpers import compiled, make_model, matched, sites, sqnr_ref
 
 from torchfx_eff.kernels import triton_flash
 from torchfx_eff.kernels.triton_flash import flash_attention, uses_decode
@@ -67,34 +67,6 @@ def test_matches_fp64_reference(case, dtype):
 def test_decode_path_is_taken_for_few_rows_and_long_kv():
     assert uses_decode(Lq=1, group=4, Lk=4096) and uses_decode(Lq=3, group=4, Lk=500)
     assert not uses_decode(Lq=128, group=1, Lk=4096) and not uses_decode(Lq=1, group=1, Lk=100)
-
-
-DECODE_FOR_SM90 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from torchfx_eff.kernels import triton_flash as tf
-
-def to_cubin(fn, types, constexprs):
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-
-floats = {"sm_scale": "fp32", "softcap": "fp32"}
-to_cubin(tf._decode_split, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Bias": "*u8", "Part": "*fp32", "Lse": "*fp32",
-                            **floats},
-         {"D": 64, "DV": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_DV": 64, "CAUSAL": False,
-          "BIAS": tf.BIAS_KEEP, "BIAS_PER_KEY": True, "SOFTCAP": False, "RESCALE": tf.RESCALE_LOG2, "IEEE": False,
-          "PDL": True})
-to_cubin(tf._decode_combine, {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"},
-         {"DV": 64, "BLOCK_S": 8, "BLOCK_DV": 64, "PDL": True})
-print("compiled")
-"""
-
-
-def test_decode_kernels_compile_for_hopper_with_programmatic_launch():
-    """On sm90 the split-K decode kernels launch with programmatic dependent launch (griddepcontrol): the
-    interpreter never runs that branch, so it is compiled for the GPU it targets."""
-    compiles_for_sm90(DECODE_FOR_SM90)
 
 
 @pytest.mark.parametrize("block", [(16, 16), (64, 32)])

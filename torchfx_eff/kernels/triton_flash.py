@@ -7,9 +7,7 @@ accumulator is rescaled, only when some row's max grew by more than 2^RESCALE_LO
 
 Decode (few query rows, long KV): flash-decoding. The rows of a whole GQA group (group x Lq) share one
 program so each K/V block is read once per KV head; keys are split across programs, each writes a partial
-output and log-sum-exp, and a combine kernel reduces them. On sm90 both launch as the weight-only GEMVs do
-(programmatic dependent launch): a kernel is launched during the previous one and waits for its results before
-its first load.
+output and log-sum-exp, and a combine kernel reduces them.
 
 Supported: causal (SDPA's top-left alignment) or not, a bool or float mask of any broadcast shape (a per-key
 bias vector is read once per key block), softcap, GQA/MQA, any head dim (padded to a power of two by masked
@@ -27,8 +25,6 @@ from ..cost import formulas
 from ..passes.graph import fake
 from .attention_inputs import site_key, site_mask
 from .registry import Implementation, Replacement, needs_dtype, register, sm_count
-from . import weight_only_triton
-from .weight_only_triton import wait_for_inputs
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 # FA4's conditional rescaling tolerates a stale running max up to 2^RESCALE_LOG2 below the true one. Measured on
@@ -156,11 +152,9 @@ def _decode_split(Q, K, V, Bias, Part, Lse, sm_scale, softcap, H, GROUP, Lq, Lk,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bm, stride_bn,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, BIAS: tl.constexpr,
-                  BIAS_PER_KEY: tl.constexpr, SOFTCAP: tl.constexpr, RESCALE: tl.constexpr, IEEE: tl.constexpr,
-                  PDL: tl.constexpr):
+                  BIAS_PER_KEY: tl.constexpr, SOFTCAP: tl.constexpr, RESCALE: tl.constexpr, IEEE: tl.constexpr):
     """One (batch, KV head, key split): rows are the group's heads x query positions. Writes the split's
     normalized partial output and its log2-sum-exp to Part[b, h, m, split] and Lse[b, h, m, split]."""
-    wait_for_inputs(PDL)  # q and the cache's new keys come from the kernels before
     bhk = tl.program_id(0)
     split = tl.program_id(1)
     Hkv = H // GROUP
@@ -197,8 +191,7 @@ def _decode_split(Q, K, V, Bias, Part, Lse, sm_scale, softcap, H, GROUP, Lq, Lk,
 
 @triton.jit
 def _decode_combine(Part, Lse, Out, H, Lq, stride_ob, stride_oh, stride_om, stride_od, NSPLIT,
-                    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     row = tl.program_id(0)  # over B * H * Lq
     b, h, m = row // (H * Lq), (row // Lq) % H, row % Lq
     offs_s = tl.arange(0, BLOCK_S)
@@ -300,12 +293,10 @@ def flash_attention(q, k, v, mask=None, is_causal=False, scale=None, softcap=Non
         part = torch.empty(B, H, Lq, nsplit, DV, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, Lq, nsplit, dtype=torch.float32, device=q.device)
         per_key = bstr[2] == 0 and (bstr[1] == 0 or group == 1)
-        pdl = ({"PDL": True, "launch_pdl": True} if weight_only_triton.programmatic_launch(q.device)
-               else {"PDL": False})
         _decode_split[(B * Hkv, nsplit)](*qkvb, part, lse, *scalars, per_split, *strides, BLOCK_M=block_m, BLOCK_N=block_n,
-                                         BIAS_PER_KEY=per_key, num_warps=4, **flags, **pdl)
+                                         BIAS_PER_KEY=per_key, num_warps=4, **flags)
         _decode_combine[(B * H * Lq,)](part, lse, out, H, Lq, *out.stride(), nsplit, DV=DV,
-                                       BLOCK_S=max(2, triton.next_power_of_2(nsplit)), BLOCK_DV=flags["BLOCK_DV"], **pdl)
+                                       BLOCK_S=max(2, triton.next_power_of_2(nsplit)), BLOCK_DV=flags["BLOCK_DV"])
         return out
     per_key = bstr[2] == 0
     lk_bucket = triton.next_power_of_2(Lk)

@@ -150,7 +150,7 @@ def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, st
     n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     chunk = tl.arange(0, CHUNKS)[None, :, None]
     wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
-    wait_for_inputs(PDL)
+    _wait_for_inputs(PDL)
     acc, sq = _int8_step(tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32), wa,
                          wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
     for step in range(1, tl.cdiv(K, 2 * PART * CHUNKS)):
@@ -189,7 +189,7 @@ def _nibbles_plus_128(w, ASM: tl.constexpr):
 
 
 @triton.jit
-def wait_for_inputs(PDL: tl.constexpr):
+def _wait_for_inputs(PDL: tl.constexpr):
     """Under programmatic dependent launch (launch_pdl), let the next kernel start and wait for the previous one's
     results: what comes before this call (constant weights) overlaps the previous kernel's tail, what comes after
     (x, epilogue operands, stores) sees its writes. A no-op in a plain launch."""
@@ -232,7 +232,7 @@ def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_w
     """int4, K a multiple of the group (8 * PART): row m (program axis 0) times BLOCK_N channels, STEP_BYTES of each
     a step. Each group's products sum unscaled over 128 + q; then w = s * (128 + q) - (136 s - z) applies once per
     (channel, group). Channels past N read channel N - 1 (no masks in the loop) and are not stored. The first step's
-    weights load before the wait for x (wait_for_inputs). Tiles are [GROUPS, BLOCK_N, PART]: Triton spreads
+    weights load before the wait for x (_wait_for_inputs). Tiles are [GROUPS, BLOCK_N, PART]: Triton spreads
     threads over the groups, so a thread holds several channels at the same K and converts each x value once for
     them (ordered [BLOCK_N, GROUPS, PART], threads spread over channels: 25-50% more sm90 instructions a weight)."""
     GROUPS: tl.constexpr = STEP_BYTES // (4 * PART)
@@ -246,7 +246,7 @@ def _gemv_int4(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_w
     s_off = g[:, None] + n[None, :] * stride_sn
     n_groups = K // (8 * PART)
     words, s, z = _int4_step_inputs(W, S, Z, w_ptrs, s_off, g, 0, n_groups, GROUPS, PART)
-    wait_for_inputs(PDL)
+    _wait_for_inputs(PDL)
     acc, sq = _int4_step(tl.zeros([GROUPS, BLOCK_N], tl.float32), tl.zeros([GROUPS], tl.float32), words, s, z, x_ptrs,
                          G, k_in_step, g, 0, n_groups, K, stride_xk, NORM, ASM, BLOCK_N, GROUPS, PART)
     for step in range(1, tl.cdiv(n_groups, GROUPS)):
