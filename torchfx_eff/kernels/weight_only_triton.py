@@ -485,13 +485,12 @@ _gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_war
                                                 (16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
                                                 (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
                      ["N", "K", "PART", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
-# int8's GEMM: 64 or 128 channels (the MMA's rows) by 16..256 rows. Picked from a first H100 sweep (5 shapes, K x N
-# 2048..14336; fixed K steps of 128 and 64): 64 x 16 at 16 rows, 64 x 64..128 and 128 x 128 at 128; 128 x 256 led
-# at 4096 rows (where decode-then-cuBLAS runs instead).
+# int8's GEMM: 64 or 128 channels (the MMA's rows) by 16..128 rows. Picked from a first H100 sweep (5 shapes, K x N
+# 2048..14336; fixed K steps of 128 and 64): 64 x 16 at 16 rows, 64 x 64..128 and 128 x 128 at 128 (128 x 256 led
+# only at 4096 rows, where decode-then-cuBLAS runs instead).
 _mma_gemm_tuned = _tuned(_mma_gemm, [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "STAGES": st}, num_warps=w)
                                      for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 5),
-                                                         (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3),
-                                                         (128, 256, 8, 3)]],
+                                                         (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]],
                          ["N", "K", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
 
 
