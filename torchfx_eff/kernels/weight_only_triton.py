@@ -318,8 +318,8 @@ def _mma_gemm(X, W, S, Z, B, Out, E, G, Part, M, N, K, stride_xm, stride_xk, str
     """int8 as W x^T: the weight tile [BLOCK_N, INT8_GEMM_K], converted to x's dtype in registers, is the MMA's first
     operand (sm90's wgmma reads that one from registers; the second comes through shared memory), x^T [INT8_GEMM_K,
     BLOCK_M] its second, so that channels fill the MMA's 64-row side however few the rows (int8 values are exact in
-    bf16, fp16 and TF32). Program axes as _gemm's; channels and rows past N and M read the last one (no masks in the
-    loop) and are not stored."""
+    bf16, fp16 and TF32). Program axes as _gemm's; channels and rows past N and M read the last one and are not
+    stored (the loop masks only K)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, INT8_GEMM_K)
