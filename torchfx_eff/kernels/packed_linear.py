@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .registry import needs_dtype
+from .registry import autotuned, needs_dtype
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its GPU roofline
@@ -146,17 +146,13 @@ def _gemm(X, XS, W, IDX, WS, B, Out, M, N, K, stride_xm, stride_w, stride_i, str
     _store(acc, XS, WS, B, Out, offs_m, offs_n, M, N, stride_om, TERNARY, HAS_BIAS)
 
 
-def _tuned(kernel, configs, key):
-    return kernel if INTERPRETING else triton.autotune(configs, key=key)(kernel)
-
-
 _KEY = ["N", "K", "SPARSE", "TERNARY"]
-_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "BLOCK_G": g}, num_warps=w)
-                             for n, g, w in [(16, 64, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 8)]], _KEY)
-_gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w, num_stages=s)
-                             for m, n, g, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                                   (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 4)]],
-                     _KEY + ["M_BUCKET"])
+_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "BLOCK_G": g}, num_warps=w)
+                                for n, g, w in [(16, 64, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 8)]], _KEY)
+_gemm_tuned = autotuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w, num_stages=s)
+                                for m, n, g, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                                                      (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 4)]],
+                        _KEY + ["M_BUCKET"])
 
 
 def packed_mm(x: torch.Tensor, x_scale: torch.Tensor | None, w: torch.Tensor, idx: torch.Tensor | None,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import codegen
+from .registry import autotuned
 
 INTERPRETING = triton.knobs.runtime.interpret
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
@@ -83,9 +84,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-_scaled_mm_tuned = _scaled_mm if INTERPRETING else triton.autotune(
-    _hopper_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"], prune_configs_by={"early_config_prune": _prune},
-)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_scaled_mm))
+_scaled_mm_tuned = autotuned(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_scaled_mm),
+                             _hopper_configs(), ["M_BUCKET", "N", "K", "HAS_BIAS"], _prune)
 INTERPRETER_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}  # small, or masks go untested
 
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import sympy
 import torch
+import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import codegen
@@ -17,6 +18,46 @@ from ..passes.linear import is_output_linear
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cold_bench(kernel_call: Callable[[], Any], quantiles, calls: int = 10, reps: int = 9) -> list[float]:
+    """triton.autotune's do_bench: the ms of kernel_call as a decode step meets a kernel, L2-cold and launched back
+    to back, at the given quantiles over reps. Each call follows a read of twice the L2 (its weights come from DRAM,
+    as each layer's do), inside a CUDA graph (no launch overhead); the time is that of the graph less the graph of
+    the reads alone, divided by calls. Triton's default bench writes 256 MB before each launch and times single
+    launches with events: on the H100 its picks for 6 us int4 GEMVs ran up to 1.7x their best config's time, and
+    varied run to run."""
+    flush = torch.empty(2 * torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size // 4,
+                        dtype=torch.float32, device="cuda").fill_(0)
+    graphs, stream = [], torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the kernel's inputs and the flush buffer are written there
+    with torch.cuda.stream(stream):
+        kernel_call()  # compiles (and fails, for a config out of resources) outside the capture
+        for with_call in (True, False):
+            graphs.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graphs[-1]):
+                for _ in range(calls):
+                    flush.sum()
+                    if with_call:
+                        kernel_call()
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+        for rep in events:
+            for i, graph in enumerate(graphs):
+                rep[2 * i].record()
+                graph.replay()
+                rep[2 * i + 1].record()
+        torch.cuda.synchronize()
+    times = torch.tensor([(a.elapsed_time(b) - c.elapsed_time(d)) / calls for a, b, c, d in events])
+    return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
+
+
+def autotuned(kernel, configs, key, prune=None):
+    """kernel under triton.autotune, timed by cold_bench; the kernel itself under Triton's interpreter (callers then
+    pass a config's values)."""
+    if triton.knobs.runtime.interpret:
+        return kernel
+    return triton.autotune(configs, key=key, prune_configs_by=prune and {"early_config_prune": prune},
+                           do_bench=cold_bench)(kernel)
 
 
 def sm_count(device: torch.device) -> int:

@@ -24,7 +24,7 @@ import triton.language as tl
 from ..cost import formulas
 from ..passes.graph import fake
 from .attention_inputs import site_key, site_mask
-from .registry import Implementation, Replacement, needs_dtype, register, sm_count
+from .registry import Implementation, Replacement, autotuned, needs_dtype, register, sm_count
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 # FA4's conditional rescaling tolerates a stale running max up to 2^RESCALE_LOG2 below the true one. Measured on
@@ -221,9 +221,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-_flash_fwd_tuned = _flash_fwd if INTERPRETING else triton.autotune(
-    _hopper_configs(), key=["D", "DV", "CAUSAL", "BIAS", "SOFTCAP", "LK_BUCKET"],
-    prune_configs_by={"early_config_prune": _prune})(_flash_fwd)
+_flash_fwd_tuned = autotuned(_flash_fwd, _hopper_configs(), ["D", "DV", "CAUSAL", "BIAS", "SOFTCAP", "LK_BUCKET"], _prune)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import codegen
 from ..cost import devices, formulas
-from .registry import needs_dtype, sm_count
+from .registry import autotuned, needs_dtype, sm_count
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
 INTERPRETER_SLOWDOWN = 1e4  # the cost of an interpreted kernel, relative to its GPU roofline
@@ -455,43 +455,39 @@ def _prune_gemm(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-def _tuned(kernel, configs, key, prune):
-    return kernel if INTERPRETING else triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
-
-
 _KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
 # of 512-1024 bytes a step.
-_gemv_tuned = _tuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
-                             for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
-                                             (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
-                     _KEY, _prune_gemv)
+_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
+                                for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
+                                                (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
+                        _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
 # in bytes of a channel so that other group sizes keep them.
 # The three 2048-byte steps, added after the sweep (they apply from K = 4096), ran fastest at 5632 x 2048 since.
 # Software-pipelined loops (tl.range num_stages: cp.async steps ahead into shared memory) ran slower L2-cold at every
 # shape timed on the H100; a loop loading the next step's weights before a step's arithmetic went with them, untimed.
-_gemv_int4_tuned = _tuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, b, w in
-                                       [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4),
-                                        (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4),
-                                        (4, 2048, 4), (16, 2048, 8)]],
-                          ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
+_gemv_int4_tuned = autotuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, b, w in
+                                          [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4),
+                                           (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4),
+                                           (4, 2048, 4), (16, 2048, 8)]],
+                             ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 # Few rows, few channels: at M = 16 and N = 2048 the 32- and 64-wide blocks fill 64 and 32 of the H100's 132 SMs
 # (0.31x cuBLAS bf16 at 8192x2048); 16-wide blocks of one or two warps fill 128.
-_gemm_tuned = _tuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                             for m, n, w, s in [(16, 16, 1, 4), (16, 16, 2, 4), (16, 32, 2, 4),
-                                                (16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
-                                                (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
-                     ["N", "K", "PART", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
+_gemm_tuned = autotuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                                for m, n, w, s in [(16, 16, 1, 4), (16, 16, 2, 4), (16, 32, 2, 4),
+                                                   (16, 32, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+                                                   (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]],
+                        ["N", "K", "PART", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
 # int8's GEMM: 64 or 128 channels (the MMA's rows) by 16..128 rows. Picked from a first H100 sweep (5 shapes, K x N
 # 2048..14336; fixed K steps of 128 and 64): 64 x 16 at 16 rows, 64 x 64..128 and 128 x 128 at 128 (128 x 256 led
 # only at 4096 rows, where decode-then-cuBLAS runs instead).
-_mma_gemm_tuned = _tuned(_mma_gemm, [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "STAGES": st}, num_warps=w)
-                                     for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 5),
-                                                         (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]],
-                         ["N", "K", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
+_mma_gemm_tuned = autotuned(_mma_gemm, [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "STAGES": st}, num_warps=w)
+                                        for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 5),
+                                                            (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]],
+                            ["N", "K", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
 
 
 @functools.cache
