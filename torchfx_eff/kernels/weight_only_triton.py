@@ -458,10 +458,12 @@ def _prune_gemm(configs, named_args, **kwargs):
 _KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
-# of 512-1024 bytes a step.
+# of 512-1024 bytes a step. 2048-byte steps (as int4's) added since, for the 2048-wide shapes: at K x N 8192 x 2048
+# the best config ran 0.46 of copy bandwidth, its 1024 programs too few to keep enough bytes in flight.
 _gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
                                 for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
-                                                (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256)]],
+                                                (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256),
+                                                (2, 2, 2048), (4, 4, 2048)]],
                         _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
