@@ -147,8 +147,8 @@ def _gemm(X, XS, W, IDX, WS, B, Out, M, N, K, stride_xm, stride_w, stride_i, str
 
 
 _KEY = ["N", "K", "SPARSE", "TERNARY"]
-_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "BLOCK_G": g}, num_warps=w)
-                                for n, g, w in [(16, 64, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 8)]], _KEY)
+_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for n, g, w in
+                                [(16, 64, 4), (32, 32, 4), (32, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 8)]], _KEY)
 _gemm_tuned = autotuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w, num_stages=s)
                                 for m, n, g, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                                       (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 4)]],

@@ -460,10 +460,10 @@ _KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
 # of 512-1024 bytes a step. 2048-byte steps (as int4's) added since, for the 2048-wide shapes: at K x N 8192 x 2048
 # the best config ran 0.46 of copy bandwidth, its 1024 programs too few to keep enough bytes in flight.
-_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w)
-                                for n, w, b in [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
-                                                (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256),
-                                                (2, 2, 2048), (4, 4, 2048)]],
+_gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, w, b in
+                                [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
+                                 (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256),
+                                 (2, 2, 2048), (4, 4, 2048)]],
                         _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
@@ -473,8 +473,8 @@ _gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, n
 # shape timed on the H100; a loop loading the next step's weights before a step's arithmetic went with them, untimed.
 _gemv_int4_tuned = autotuned(_gemv_int4, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, b, w in
                                           [(8, 1024, 4), (4, 1024, 4), (4, 1024, 2), (8, 1024, 2), (16, 1024, 4),
-                                           (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1), (8, 2048, 4),
-                                           (4, 2048, 4), (16, 2048, 8)]],
+                                           (4, 1024, 1), (8, 512, 4), (8, 512, 2), (2, 1024, 4), (4, 512, 1),
+                                           (8, 2048, 4), (4, 2048, 4), (16, 2048, 8)]],
                              ["N", "K", "PART", "HAS_BIAS"], _prune_gemv_int4)
 # Few rows, few channels: at M = 16 and N = 2048 the 32- and 64-wide blocks fill 64 and 32 of the H100's 132 SMs
 # (0.31x cuBLAS bf16 at 8192x2048); 16-wide blocks of one or two warps fill 128.
@@ -487,8 +487,9 @@ _gemm_tuned = autotuned(_gemm, [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_
 # 2048..14336; fixed K steps of 128 and 64): 64 x 16 at 16 rows, 64 x 64..128 and 128 x 128 at 128 (128 x 256 led
 # only at 4096 rows, where decode-then-cuBLAS runs instead).
 _mma_gemm_tuned = autotuned(_mma_gemm, [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "STAGES": st}, num_warps=w)
-                                        for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4), (64, 64, 4, 5),
-                                                            (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3)]],
+                                        for n, m, w, st in [(64, 16, 4, 4), (128, 16, 4, 4), (64, 32, 4, 4),
+                                                            (64, 64, 4, 5), (64, 128, 4, 4), (128, 64, 4, 4),
+                                                            (128, 128, 8, 3)]],
                             ["N", "K", "HAS_BIAS", "M_BUCKET", "steps_per_split"], _prune_gemm)
 
 
