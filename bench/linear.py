@@ -23,7 +23,6 @@ from models import llama
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 8192), (8192, 2048)]  # (K in, N out)
 ROWS = [1, 16, 128, 4096]
-COPY_BANDWIDTH = 3.0e12  # H100 device-to-device copy, ANCHORS.md: the GEMV targets are fractions of it
 
 
 DECODE_TIMEOUT_S = 420  # one mode's process: build, compile with autotuning, prefill, decode
@@ -40,6 +39,21 @@ def _ms(fns) -> float | None:
         return do_bench_cudagraph(run, rep=100, return_mode="median") / len(fns)
     except RuntimeError:  # a vendor kernel that refuses this shape
         return None
+
+
+def copy_ms(nbytes: int) -> float:
+    """ms of an ATen device-to-device copy moving nbytes (half read, half written: ANCHORS' 3.02 TB/s counts both),
+    cycling over buffers of COLD_BYTES in all so that each copy reads from HBM."""
+    pairs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),
+              torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(-(-COLD_BYTES // nbytes))]
+    return _ms([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+
+
+def copy_rows() -> list[dict]:
+    """The copy bandwidth the GEMV targets are fractions of, measured in this run (1 GiB)."""
+    tbs = (1 << 30) / copy_ms(1 << 30) / 1e9
+    return [{"name": "device-to-device copy 1 GiB", "value": tbs, "unit": "TB/s", "anchor": "ANCHORS.md (H100)",
+             "anchor_value": 3.02}]
 
 
 def _site(x, weight) -> LinearSite:
@@ -79,8 +93,10 @@ def _anchors(x, w) -> dict:
     return out
 
 
-def kernels_rows(modes=()) -> list[dict]:
-    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS."""
+def kernels_rows(copy_bandwidth: float, modes=()) -> list[dict]:
+    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS; bandwidth
+    as a fraction of copy_bandwidth (bytes/s), and at M = 1 also against a copy of the same bytes (what streaming
+    them takes at that size: launch and DRAM latency weigh more the fewer they are)."""
     spec = cost.detect(torch.device("cuda"))
     # Replacements that are Python functions (a prologue that quantizes x, casts) run as Inductor compiles them
     # inside the pipeline's graph; custom ops are called as they are.
@@ -113,7 +129,9 @@ def kernels_rows(modes=()) -> list[dict]:
                 nbytes = wbytes + 2 * M * (K + N)
                 row = {"name": f"K={K} N={N} M={M} {name}", "value": ms, "unit": "ms",
                        "GB/s": nbytes / ms / 1e6, "TFLOP/s": 2 * M * N * K / ms / 1e9,
-                       "copy_bandwidth_fraction": nbytes / ms / 1e-3 / COPY_BANDWIDTH}
+                       "copy_bandwidth_fraction": nbytes / ms / 1e-3 / copy_bandwidth}
+                if M == 1:
+                    row["same_bytes_copy_fraction"] = copy_ms(nbytes) / ms
                 if err:
                     row["rel_err_vs_fp32"] = err[0]
                 if name != "cublas_bf16":
@@ -155,7 +173,7 @@ def _chain_us(linears, x, replays=50) -> float:
     return start.elapsed_time(end) * 1e3 / replays
 
 
-def chain_rows() -> list[dict]:
+def chain_rows(copy_bandwidth: float) -> list[dict]:
     """The 1.1B decode step's 64 linears back to back at M = 1 (CHAIN_LAYER x 16, distinct weights: even int4's
     190 MB overflow L2): int4 g64 and int8 weight-only with and without programmatic dependent launch, int4 also
     with the e2e's folded norms and epilogues, against cuBLAS bf16 and ATen's tinygemm int4 in the same chain. us
@@ -200,7 +218,7 @@ def chain_rows() -> list[dict]:
     rows = []
     for name, (us, nbytes) in times.items():
         row = {"name": f"chain 1.1B layer linears M=1 {name}", "value": us / CHAIN_LAYERS, "unit": "us/layer",
-               "GB/s": nbytes / us / 1e3, "copy_bandwidth_fraction": nbytes / us / 1e-6 / COPY_BANDWIDTH}
+               "GB/s": nbytes / us / 1e3, "copy_bandwidth_fraction": nbytes / us / 1e-6 / copy_bandwidth}
         if name != "cublas_bf16":
             row.update(anchor="chain 1.1B layer linears M=1 cublas_bf16", anchor_value=cublas / CHAIN_LAYERS,
                        ratio=cublas / us)
@@ -346,9 +364,12 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
 
 
 def gpu_linear(args) -> list[dict]:
-    rows = kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(",")))) if "kernels" in args.parts else []
+    rows = copy_rows()
+    copy_bandwidth = rows[0]["value"] * 1e12
+    if "kernels" in args.parts:
+        rows += kernels_rows(copy_bandwidth, tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(","))))
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
-    rows += chain_rows() if "chain" in args.parts else []
+    rows += chain_rows(copy_bandwidth) if "chain" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 
