@@ -12,6 +12,8 @@ import time
 import sympy
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 import torchfx_eff
@@ -23,6 +25,7 @@ from models import llama
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (2048, 8192), (8192, 2048)]  # (K in, N out)
 ROWS = [1, 16, 128, 4096]
+COPY_BANDWIDTH = 3.0e12  # H100 device-to-device copy, ANCHORS.md: the issue's GEMV targets are fractions of it
 
 
 DECODE_TIMEOUT_S = 420  # one mode's process: build, compile with autotuning, prefill, decode
@@ -42,18 +45,44 @@ def _ms(fns) -> float | None:
 
 
 def copy_ms(nbytes: int) -> float:
-    """ms of an ATen device-to-device copy moving nbytes (half read, half written: ANCHORS' 3.02 TB/s counts both),
-    cycling over buffers of COLD_BYTES in all so that each copy reads from HBM."""
+    """ms of an ATen device-to-device copy moving nbytes (half read, half written), cycling over buffers of
+    COLD_BYTES in all so that each copy reads from HBM."""
     pairs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),
               torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(-(-COLD_BYTES // nbytes))]
     return _ms([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
 
 
-def copy_rows() -> list[dict]:
-    """The copy bandwidth the GEMV targets are fractions of, measured in this run (1 GiB)."""
-    tbs = (1 << 30) / copy_ms(1 << 30) / 1e9
-    return [{"name": "device-to-device copy 1 GiB", "value": tbs, "unit": "TB/s", "anchor": "ANCHORS.md (H100)",
-             "anchor_value": 3.02}]
+@triton.jit
+def _stream_read(p, out, n, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Reads CHUNK int32 words a program, BLOCK at a time, and writes their xor: nothing but the reads."""
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        acc ^= tl.load(p + offs, mask=offs < n, other=0)
+    tl.store(out + tl.program_id(0), tl.xor_sum(acc, 0))
+
+
+# (BLOCK, CHUNK / BLOCK, warps): the winners of an 8-config sweep at 4-58 MB and 1 GiB (H100, 2026-12-06)
+READ_CONFIGS = [(1024, 1, 4), (1024, 4, 8), (4096, 1, 8)]
+
+
+def read_ms(nbytes: int) -> float:
+    """ms of the fastest READ_CONFIGS kernel that only reads nbytes, L2-cold as copy_ms: a GEMV's ceiling at its
+    size (launch, DRAM latency and the last wave weigh more the fewer the bytes)."""
+    words = nbytes // 4
+    bufs = [torch.empty(words, dtype=torch.int32, device="cuda") for _ in range(-(-COLD_BYTES // nbytes))]
+    out = torch.empty(triton.cdiv(words, 1024), dtype=torch.int32, device="cuda")
+    return min(_ms([lambda p=p, b=b, s=s, w=w: _stream_read[(triton.cdiv(words, b * s),)](
+        p, out, words, CHUNK=b * s, BLOCK=b, num_warps=w) for p in bufs]) for b, s, w in READ_CONFIGS)
+
+
+def ceiling_rows() -> list[dict]:
+    """What moving bytes reaches on this device in this run: a 1 GiB copy (read and written bytes both counted)
+    and a 1 GiB read."""
+    return [{"name": "device-to-device copy 1 GiB", "value": (1 << 30) / copy_ms(1 << 30) / 1e9, "unit": "TB/s",
+             "anchor": "ANCHORS.md copy (H100)", "anchor_value": COPY_BANDWIDTH / 1e12},
+            {"name": "read 1 GiB", "value": (1 << 30) / read_ms(1 << 30) / 1e9, "unit": "TB/s"}]
 
 
 def _site(x, weight) -> LinearSite:
@@ -93,10 +122,9 @@ def _anchors(x, w) -> dict:
     return out
 
 
-def kernels_rows(copy_bandwidth: float, modes=()) -> list[dict]:
-    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS; bandwidth
-    as a fraction of copy_bandwidth (bytes/s), and at M = 1 also against a copy of the same bytes (what streaming
-    them takes at that size: launch and DRAM latency weigh more the fewer they are)."""
+def kernels_rows(modes=()) -> list[dict]:
+    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS; at
+    M = 1 also as a fraction of the speed of a copy and of a read of the same bytes (copy_ms, read_ms)."""
     spec = cost.detect(torch.device("cuda"))
     # Replacements that are Python functions (a prologue that quantizes x, casts) run as Inductor compiles them
     # inside the pipeline's graph; custom ops are called as they are.
@@ -129,9 +157,9 @@ def kernels_rows(copy_bandwidth: float, modes=()) -> list[dict]:
                 nbytes = wbytes + 2 * M * (K + N)
                 row = {"name": f"K={K} N={N} M={M} {name}", "value": ms, "unit": "ms",
                        "GB/s": nbytes / ms / 1e6, "TFLOP/s": 2 * M * N * K / ms / 1e9,
-                       "copy_bandwidth_fraction": nbytes / ms / 1e-3 / copy_bandwidth}
+                       "copy_bandwidth_fraction": nbytes / ms / 1e-3 / COPY_BANDWIDTH}
                 if M == 1:
-                    row["same_bytes_copy_fraction"] = copy_ms(nbytes) / ms
+                    row.update(same_bytes_copy_fraction=copy_ms(nbytes) / ms, same_bytes_read_fraction=read_ms(nbytes) / ms)
                 if err:
                     row["rel_err_vs_fp32"] = err[0]
                 if name != "cublas_bf16":
@@ -173,7 +201,7 @@ def _chain_us(linears, x, replays=50) -> float:
     return start.elapsed_time(end) * 1e3 / replays
 
 
-def chain_rows(copy_bandwidth: float) -> list[dict]:
+def chain_rows() -> list[dict]:
     """The 1.1B decode step's 64 linears back to back at M = 1 (CHAIN_LAYER x 16, distinct weights: even int4's
     190 MB overflow L2): int4 g64 and int8 weight-only with and without programmatic dependent launch, int4 also
     with the e2e's folded norms and epilogues, against cuBLAS bf16 and ATen's tinygemm int4 in the same chain. us
@@ -218,7 +246,7 @@ def chain_rows(copy_bandwidth: float) -> list[dict]:
     rows = []
     for name, (us, nbytes) in times.items():
         row = {"name": f"chain 1.1B layer linears M=1 {name}", "value": us / CHAIN_LAYERS, "unit": "us/layer",
-               "GB/s": nbytes / us / 1e3, "copy_bandwidth_fraction": nbytes / us / 1e-6 / copy_bandwidth}
+               "GB/s": nbytes / us / 1e3, "copy_bandwidth_fraction": nbytes / us / 1e-6 / COPY_BANDWIDTH}
         if name != "cublas_bf16":
             row.update(anchor="chain 1.1B layer linears M=1 cublas_bf16", anchor_value=cublas / CHAIN_LAYERS,
                        ratio=cublas / us)
@@ -364,12 +392,11 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
 
 
 def gpu_linear(args) -> list[dict]:
-    rows = copy_rows()
-    copy_bandwidth = rows[0]["value"] * 1e12
+    rows = ceiling_rows()
     if "kernels" in args.parts:
-        rows += kernels_rows(copy_bandwidth, tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(","))))
+        rows += kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(","))))
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
-    rows += chain_rows(copy_bandwidth) if "chain" in args.parts else []
+    rows += chain_rows() if "chain" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 
