@@ -629,7 +629,7 @@ for (bits, group_size, weight), (N, K) in itertools.product(
         gemm, tuned = {k: v for k, v in common.items() if k != "PART"}, wt._mma_gemm_tuned
     kernels = [(tuned, {**gemm, "SPLIT": False}), (tuned, {**gemm, "NORM": True, "SPLIT": True})]
     kernels.append((wt._gemv_int4_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}) if bits == 4 else
-                   (wt._gemv_tuned, {**common, "NORM": True, "ASM": True, "PDL": True}))
+                   (wt._gemv_tuned, {**common, "NORM": True, "BITS": 8, "PDL": True}))
     jobs += [(tuned, config, weight, N, K, bits, given) for tuned, given in kernels for config in tuned.configs]
     split_sum = {"HAS_BIAS": True, "EPILOGUE": codegen.epilogue(""), "NORM": True, "BITS": bits}
     jobs.append((wt._split_sum, triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}), weight, N, K, bits,
