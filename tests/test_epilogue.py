@@ -425,8 +425,9 @@ ints = dict.fromkeys(["M", "N", "K", "M_BUCKET", "steps_per_split", "splits"] + 
                                                   if n.startswith("stride")], "i32")
 pointers = {"X": "*bf16", "W": "*i8", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
             "G": "*bf16", "Part": "*fp32", "inv_k": "fp32", "eps": "fp32"}
-to_cubin(wt._gemv, {**ints, **pointers}, {"PART": 64, "HAS_BIAS": True, "NORM": True, "ASM": True, "PDL": True,
-         "STEP_BYTES": 256, "BLOCK_N": 16, "EPILOGUE": codegen.epilogue("glu_silu,add")})  # sm90
+flags = {"BITS": 8, "PART": 64, "HAS_BIAS": True, "NORM": True}
+to_cubin(wt._gemv, {**ints, **pointers}, {**flags, "PDL": True, "STEP_BYTES": 256, "BLOCK_N": 16,
+                                           "EPILOGUE": codegen.epilogue("glu_silu,add")})
 to_cubin(wt._mma_gemm, {**ints, **pointers}, {"HAS_BIAS": True, "NORM": True, "BLOCK_M": 16, "BLOCK_N": 64,
          "STAGES": 4, "SPLIT": False, "EPILOGUE": codegen.epilogue("gelu_tanh,mul")})
 to_cubin(wt._gemm, {**ints, **pointers, "W": "*i32"}, {"PART": 8, "HAS_BIAS": True, "NORM": True, "CHUNKS": 8,

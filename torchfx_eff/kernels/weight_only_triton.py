@@ -127,79 +127,38 @@ def _store(acc, S, B, Out, E, offs_m, offs_n, M, N, stride_om, stride_em, BITS: 
     EPILOGUE(acc, offs_m, offs_n, M, N, Out, stride_om, E, stride_em)
 
 
-# int8 as fp32 INT8_OFFSET + q in one PRMT a value: bytes with the sign bit flipped (one XOR for four) are 128 + q,
-# moved into bits 8..15 of 32768.0, whose ulp there is 1. The GEMV takes INT8_OFFSET * sum(x) off its sums once.
-_INT8_ASM = tl.constexpr("{ .reg .b32 t; xor.b32 t, $4, 0x80808080; " + " ".join(
-    f"prmt.b32 ${i}, t, 0x47000000, 0x75{i}4;" for i in range(4)) + " }")
-INT8_OFFSET = tl.constexpr(32896.0)
-
-
 @triton.jit
-def _int8_plus_offset(v, ASM: tl.constexpr):
-    """int8 v as fp32 INT8_OFFSET + v, exactly. ASM: inline PTX (NVIDIA); else the same bits from Triton ops."""
-    if ASM:
-        u = tl.inline_asm_elementwise(_INT8_ASM, "=r,=r,=r,=r,r", [v], dtype=tl.int32, is_pure=True, pack=4)
-    else:
-        u = ((v.to(tl.int32) + 128) << 8) | 0x47000000
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _int8_parts(W, n, chunk, h, N, K, stride_wn, OFFSET: tl.constexpr, ASM: tl.constexpr, PART: tl.constexpr):
-    """The GEMV's int8 weights of channels n at the chunks' two parts, as fp32 OFFSET + q (OFFSET: 0 or
-    INT8_OFFSET). Offsets in a part are regrouped in runs of 8 (the same values): Triton then loads 8 bytes a
-    thread, the layout of 16-bit x's 16-byte loads, so that one-warp programs multiply both without a conversion
-    (16-byte weight loads sent the decoded weights through shared memory each step)."""
-    k = chunk * 2 * PART + (h // 8) * 8 + h % 8
-    ptrs = W + n * stride_wn + k
-    first = _int8_plus_offset(tl.load(ptrs, mask=(n < N) & (k < K), other=0), ASM)
-    second = _int8_plus_offset(tl.load(ptrs + PART, mask=(n < N) & (k + PART < K), other=0), ASM)
-    if OFFSET == 0:
-        first, second = first - INT8_OFFSET, second - INT8_OFFSET
-    return first, second
-
-
-@triton.jit
-def _int8_step(acc, sq, xs, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM: tl.constexpr,
-               PART: tl.constexpr):
-    """acc, sq and xs (x's sums, for the offset) after one step of _gemv over its weights (_int8_parts) and x."""
+def _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM: tl.constexpr, PART: tl.constexpr):
+    """acc and sq after one step of _gemv over its decoded weight parts (_weight_parts) and x."""
     xa, sq = _normed(_x_part(X, m, chunk, h, 0, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
                      chunk * 2 * PART + h, K, NORM)
     xb, sq = _normed(_x_part(X, m, chunk, h, 1, M, K, stride_xm, stride_xk, 2, PART).to(tl.float32), sq, G,
                      (chunk * 2 + 1) * PART + h, K, NORM)
-    return acc + wa * xa + wb * xb, sq, xs + xa + xb
+    return acc + wa * xa + wb * xb, sq
 
 
 @triton.jit
 def _gemv(X, W, S, Z, B, Out, E, G, M, N, K, stride_xm, stride_xk, stride_wn, stride_sn, stride_om, stride_em, inv_k,
-          eps, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NORM: tl.constexpr,
-          ASM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
+          eps, BITS: tl.constexpr, PART: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+          NORM: tl.constexpr, PDL: tl.constexpr, STEP_BYTES: tl.constexpr, BLOCK_N: tl.constexpr):
     """int8: row m (program axis 0, the fastest: the rows of one channel block run together and share its weights
     in L2) times BLOCK_N channels, STEP_BYTES of each channel a step. Products accumulate element by element and
-    are summed over K once, at the end. For 16-bit x the weights stay INT8_OFFSET + q and INT8_OFFSET * sum(x)
-    comes off that sum: one sm90 instruction a weight fewer (the offset costs ~9 of fp32's 24 bits a product, far
-    below 16-bit rounding; fp32 x keeps exact products). The first step is peeled: its weights load before the
-    wait for x."""
+    are summed over K once, at the end. The first step is peeled: its weights load before the wait for x."""
     CHUNKS: tl.constexpr = STEP_BYTES // (2 * PART)
-    OFFSET: tl.constexpr = 0.0 if X.dtype.element_ty == tl.float32 else INT8_OFFSET
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h = offs_n[:, None, None], tl.arange(0, PART)[None, None, :]
     chunk = tl.arange(0, CHUNKS)[None, :, None]
-    wa, wb = _int8_parts(W, n, chunk, h, N, K, stride_wn, OFFSET, ASM, PART)
+    wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
     _wait_for_inputs(PDL)
-    x_zeros = tl.zeros([1, CHUNKS, PART], tl.float32)
-    acc, sq, xs = _int8_step(tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), x_zeros, x_zeros, wa, wb, X, G, m, chunk,
-                             h, M, K, stride_xm, stride_xk, NORM, PART)
+    acc, sq = _int8_step(tl.zeros([BLOCK_N, CHUNKS, PART], tl.float32), tl.zeros([1, CHUNKS, PART], tl.float32), wa,
+                         wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
     for step in range(1, tl.cdiv(K, 2 * PART * CHUNKS)):
         chunk = step * CHUNKS + tl.arange(0, CHUNKS)[None, :, None]
-        wa, wb = _int8_parts(W, n, chunk, h, N, K, stride_wn, OFFSET, ASM, PART)
-        acc, sq, xs = _int8_step(acc, sq, xs, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
-    out = tl.sum(tl.sum(acc, 2), 1)
-    if OFFSET != 0:
-        out -= OFFSET * tl.sum(xs)
-    _store(out[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM), S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N,
-           stride_om, stride_em, 8, HAS_BIAS, EPILOGUE)
+        wa, wb = _weight_parts(W, S, Z, n, chunk, h, N, K, stride_wn, stride_sn, BITS, PART)
+        acc, sq = _int8_step(acc, sq, wa, wb, X, G, m, chunk, h, M, K, stride_xm, stride_xk, NORM, PART)
+    out = tl.sum(tl.sum(acc, 2), 1)[None, :] * _rms(tl.sum(sq), inv_k, eps, NORM)
+    _store(out, S, B, Out, E, m + tl.zeros([1], tl.int32), offs_n, M, N, stride_om, stride_em, BITS, HAS_BIAS, EPILOGUE)
 
 
 # One shift and one LOP3 a nibble: nibble i of $8 moved to bits 16..19 and OR-ed under 128.0's exponent. ptxas
@@ -474,11 +433,11 @@ def _parts(bits: int, group_size: int) -> tuple[int, int]:
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """Accumulators of 1 to 128 fp32 registers a thread (fewer elements than threads would replicate work), blocks
+    """Accumulators of 1 to 64 fp32 registers a thread (fewer elements than threads would replicate work), blocks
     no wider than N, and at most 65535 of them (the grid's second axis)."""
     N, part = named_args["N"], kwargs["PART"]
     regs = lambda c: c.kwargs["BLOCK_N"] * c.kwargs["STEP_BYTES"] / (32 * c.num_warps)
-    keep = [c for c in configs if 1 <= regs(c) <= 128 and c.kwargs["STEP_BYTES"] >= 2 * part
+    keep = [c for c in configs if 1 <= regs(c) <= 64 and c.kwargs["STEP_BYTES"] >= 2 * part
             and c.kwargs["BLOCK_N"] <= max(4, triton.next_power_of_2(N)) and triton.cdiv(N, c.kwargs["BLOCK_N"]) <= 65535]
     return keep or configs[-1:]
 
@@ -496,16 +455,16 @@ def _prune_gemm(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
+_KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # GEMV: small blocks of few warps, many programs in flight (a decode matrix is a few MB); long steps keep several
 # 16-byte loads a thread in flight. The H100's best at M=1 (sweep over 96 configs, 6 shapes): int8 2 or 4 channels
 # of 512-1024 bytes a step. 2048-byte steps (as int4's) added since, for the 2048-wide shapes: at K x N 8192 x 2048
-# the best config ran 0.46 of copy bandwidth, its 1024 programs too few to keep enough bytes in flight. One-warp
-# blocks of 4-8 channels added with the offset decode (_int8_parts: x and the weights in one layout at one warp).
+# the best config ran 0.46 of copy bandwidth, its 1024 programs too few to keep enough bytes in flight.
 _gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, w, b in
                                 [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
                                  (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256),
-                                 (2, 2, 2048), (4, 4, 2048), (4, 1, 512), (4, 1, 1024), (8, 1, 512)]],
-                        ["N", "K", "PART", "HAS_BIAS"], _prune_gemv)
+                                 (2, 2, 2048), (4, 4, 2048)]],
+                        _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
 # in bytes of a channel so that other group sizes keep them.
@@ -592,7 +551,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
             block = {"BLOCK_N": 64, "STEP_BYTES": 256} if INTERPRETING else {}
-            _gemv_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
+            _gemv_tuned[gemv_grid](*args, BITS=bits, **flags, **pdl, **block)
         else:
             _split_gemm(args, bits, flags, x.device)
     return out.reshape(shape)
