@@ -154,7 +154,7 @@ def _fits(c, N, K) -> bool:
 
 
 CONFIGS = [triton.Config({"RM": rm, "GS": gs}, num_warps=nw)
-           for nw, rm, gs in [(8, 2, 1), (8, 1, 2), (8, 2, 2), (4, 2, 2), (16, 2, 1), (8, 1, 4)]]
+           for nw, rm, gs in [(8, 2, 1), (8, 1, 2), (8, 2, 2), (4, 2, 2), (16, 2, 1), (8, 1, 4), (4, 2, 1)]]
 _gemv_tuned = autotuned(_gemv_int4_mma, CONFIGS, ["N", "K", "HAS_BIAS", "FP16"],
                         lambda configs, named_args, **kw: [c for c in configs if _fits(c, named_args["N"],
                                                                                       named_args["K"])])
