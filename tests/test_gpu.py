@@ -390,8 +390,11 @@ def test_every_gemv_config_on_gpu_matches_fp32_of_dequantized_weights(bits, monk
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_tensor_core_gemv_configs_on_gpu_match_fp32_of_dequantized_weights(dtype, monkeypatch):
     """kernels/int4_gemv_mma.py: each config alone, through weight_only_matmul (which must route there), at 1, 2
-    and 7 rows (the MMA's columns past M repeat row M - 1), with and without bias; a shape it does not tile (N not
-    a multiple of 16) takes the CUDA-core GEMV."""
+    and 7 rows (the MMA's columns past M repeat row M - 1) with and without bias, at 2 rows through a generated
+    epilogue (silu), and at 1 row with a folded RMSNorm and a residual add; a shape it does not tile (N not a
+    multiple of 16) takes the CUDA-core GEMV."""
+    from helpers import unfused_epilogue
+
     from torchfx_eff.kernels import int4_gemv_mma, weight_only_triton as wt
     from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
 
@@ -401,26 +404,34 @@ def test_int4_tensor_core_gemv_configs_on_gpu_match_fp32_of_dequantized_weights(
     deq = ((codes.float().reshape(N, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(N, K)
     args = (pack_int4(codes, 64), wt.aligned_rows(scales), wt.aligned_rows(zeros))
     bias = torch.randn(N, device="cuda", dtype=dtype)
+    g = (torch.rand(K, device="cuda") + 0.5).to(dtype)
     calls = []
     monkeypatch.setattr(int4_gemv_mma, "gemv", lambda *a, gemv=int4_gemv_mma.gemv: calls.append(1) or gemv(*a))
     monkeypatch.setattr(wt, "GEMV_MAX_ROWS", int4_gemv_mma.MAX_ROWS)
+    cases = [(M, b, "", False) for M in (1, 2, 7) for b in (None, bias)] + [(2, bias, "silu", False), (1, None, "add", True)]
     tuned, wrong = int4_gemv_mma._gemv_tuned, []
     for config in list(tuned.configs):
         monkeypatch.setattr(tuned, "configs", [config])
         monkeypatch.setattr(tuned, "cache", {})
-        for M in (1, 2, 7):
+        for M, b, spec, norm in cases:
             x = torch.randn(M, K, device="cuda", dtype=dtype)
-            for b in (None, bias):
-                out = wt.weight_only_matmul(x, *args, b, 4, 64)
-                ref = x.float() @ deq.T + (0 if b is None else b.float())
-                scale = x.float().abs() @ deq.abs().T + (0 if b is None else b.float().abs())
-                if out.shape != (M, N) or not bool(((out.float() - ref).abs() <= 2 * 2.0 ** -8 * scale).all()):
-                    wrong.append((str(config), M, b is not None))
+            residual = torch.randn(M, N, device="cuda", dtype=dtype) if spec == "add" else None
+            out = wt.weight_only_matmul(x, *args, b, 4, 64, spec, residual, norm_weight=g if norm else None,
+                                        norm_eps=1e-6)
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6) * g.float() if norm else xf
+            y = xf @ deq.T + (0 if b is None else b.float())
+            ref = unfused_epilogue(spec, y, None if residual is None else residual.float())
+            # bf16 rounding of the output, of x * g (the MMA's operand) and, under silu, of its input's error
+            scale = xf.abs() @ deq.abs().T + (0 if b is None else b.float().abs())
+            scale = scale + (0 if residual is None else residual.float().abs())
+            if out.shape != (M, N) or not bool(((out.float() - ref).abs() <= 3 * 2.0 ** -8 * scale).all()):
+                wrong.append((str(config), M, b is not None, spec, norm))
     assert not wrong, wrong
-    assert len(calls) == 6 * len(tuned.configs)
+    assert len(calls) == len(cases) * len(tuned.configs)
     x = torch.randn(1, K, device="cuda", dtype=dtype)
     wt.weight_only_matmul(x, args[0][:-8], args[1][:-8], args[2][:-8], None, 4, 64)
-    assert len(calls) == 6 * len(tuned.configs)  # N = 504: the CUDA-core GEMV
+    assert len(calls) == len(cases) * len(tuned.configs)  # N = 504: the CUDA-core GEMV
 
 
 @pytest.mark.parametrize("graphed", [False, True])

@@ -6,11 +6,14 @@ bandwidth. Here a warp takes 16-row tiles of channels times one group of K: an i
 of two 16-bit floats 128 + q (fp16: 1024 + q) with one PRMT and one LOP3 each, the MMA's first operand as loaded
 (no shared memory), and one MMA sums 256 weights. x fills the MMA's 8 columns (rows past M repeat row M - 1, not
 stored); an MMA of ones beside it gives each group's sum of x, so w = s * (128 + q) - (136 s - z) applies once per
-(channel, group) in fp32, as in _gemv_int4. Sm90, counted offline: ~2.1-2.3 instructions a weight.
+(channel, group) in fp32, as in _gemv_int4. Sm90, counted offline: ~2.1-2.3 instructions a weight (~3.0 with a
+folded norm).
 
 A program takes 16 * RM channels; its warps take NW * GS consecutive groups at a time (GS a warp, in registers),
 each loaded one trip ahead. The words keep int4_weight_only's layout: word j's nibble i is the group's K
-i * 8 + j, and the tile's K order is that order (see _decode_tile).
+i * 8 + j, and the tile's K order is that order (see _decode_tile). A folded RMSNorm (one row) multiplies x by
+its weight in the MMA's operand and sums x^2 with one more MMA (x's registers read as a first operand); the
+generated epilogues (codegen) run on the output tile, all but the paired glu_ ones.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+import triton.language as tl
+
+from .. import codegen
 
 from .registry import autotuned
 
@@ -76,28 +82,59 @@ def _decode_tile(words, LA: gl.constexpr, FP16: gl.constexpr):
 
 
 @gluon.jit
-def _group_inputs(w_ptrs, s_ptrs, z_ptrs, x_ptrs):
-    return gl.load(w_ptrs), gl.load(s_ptrs).to(gl.float32), gl.load(z_ptrs).to(gl.float32), gl.load(x_ptrs)
+def _weight_inputs(w_ptrs, s_ptrs, z_ptrs):
+    return gl.load(w_ptrs), gl.load(s_ptrs).to(gl.float32), gl.load(z_ptrs).to(gl.float32)
 
 
 @gluon.jit
-def _group_step(acc, words, s, z, x, ones, zero, zero_tile, LA: gl.constexpr, L4: gl.constexpr, FP16: gl.constexpr):
-    """acc [VK, RM, 16, 8] after one group a warp."""
+def _x_inputs(x_ptrs, g_ptrs, NORM: gl.constexpr):
+    """x [VK, 64, 8] as the MMA's second operand; with NORM also the norm weight [VK, 64] at those K (else x)."""
+    x = gl.load(x_ptrs)
+    return x, gl.load(g_ptrs) if NORM else x
+
+
+@gluon.jit
+def _x_as_rows(x, LA: gl.constexpr):
+    """x [VK, 64, 8] (the second operand's registers) as a first operand [VK, 16, 64] whose row r is x's column
+    r % 8: the same registers (rows g and g + 8 of the first operand sit where column g of the second does)."""
+    VK: gl.constexpr = x.shape[0]
+    G: gl.constexpr = x.shape[1]
+    t = gl.permute(x, [0, 2, 1])
+    t = gl.permute(gl.join(t, t), [0, 3, 1, 2])
+    return gl.convert_layout(gl.reshape(t, [VK, 16, G]), LA, assert_trivial=True)
+
+
+@gluon.jit
+def _group_step(acc, sq, words, s, z, x, g, ones, zero, zero_tile, LA: gl.constexpr, L4: gl.constexpr,
+                FP16: gl.constexpr, NORM: gl.constexpr):
+    """acc [VK, RM, 16, 8] after one group a warp; with NORM, x times the norm weight g, and sq [VK, 16, 8] plus
+    the group's sum of x^2 (one row of x: every entry is that sum)."""
     VK: gl.constexpr = acc.shape[0]
     RM: gl.constexpr = acc.shape[1]
+    if NORM:
+        sq = mma_v2(_x_as_rows(x, LA), x, sq)
+        x = x * g[:, :, None]
     d = gl.reshape(mma_v2(_decode_tile(words, LA, FP16), x, zero), [VK, RM, 16, 8])
     xs = gl.convert_layout(mma_v2(ones, x, zero_tile), gl.SliceLayout(1, L4), assert_trivial=True)
     acc += s[:, :, :, None] * d
     acc -= ((1032.0 if FP16 else 136.0) * s - z)[:, :, :, None] * gl.expand_dims(xs, 1)
-    return acc
+    return acc, sq
 
 
 @gluon.jit
-def _gemv_int4_mma(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_om, stride_wn: gl.constexpr,
-                   stride_sn: gl.constexpr, HAS_BIAS: gl.constexpr, FP16: gl.constexpr, RM: gl.constexpr,
-                   GS: gl.constexpr):
-    """Out[:M, n0:n0 + 16 RM] (program axis 0) = x @ W^T (+ bias); M <= 8, N a multiple of 16 RM, K of
-    2 * VK * GROUP_SIZE."""
+def _wait_for_inputs(PDL: gl.constexpr):
+    """Under programmatic dependent launch: what comes before (weights) overlaps the previous kernel's tail."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@gluon.jit
+def _gemv_int4_mma(X, W, S, Z, B, Out, E, Gn, M, N, K, stride_xm, stride_om, stride_em, inv_k, eps,
+                   stride_wn: gl.constexpr, stride_sn: gl.constexpr, HAS_BIAS: gl.constexpr, EPILOGUE: gl.constexpr,
+                   NORM: gl.constexpr, PDL: gl.constexpr, FP16: gl.constexpr, RM: gl.constexpr, GS: gl.constexpr):
+    """Out[:M, n0:n0 + 16 RM] (program axis 0) = x @ W^T (+ bias) through the generated EPILOGUE; M <= 8 (NORM:
+    1, x RMS-normalized with weight Gn first), N a multiple of 16 RM, K of 2 * VK * GROUP_SIZE."""
     NW: gl.constexpr = gl.num_warps()
     VK: gl.constexpr = NW * GS
     BN: gl.constexpr = 16 * RM
@@ -115,10 +152,12 @@ def _gemv_int4_mma(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_om, stride_wn:
     x_k = gl.max_contiguous(gl.multiple_of(gl.arange(0, G, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 2), 2)
     x_m = gl.minimum(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), M - 1)
     x_ptrs = X + x_m[None, None, :] * stride_xm + x_k[None, :, None] + x_i[:, None, None] * G
+    g_ptrs = Gn + x_k[None, :] + x_i[:, None] * G
     ones = gl.full([VK, 16, G], 1.0, X.dtype.element_ty, LA)
     zero = gl.zeros([VK, BN, 8], gl.float32, mma)
     zero_tile = gl.zeros([VK, 16, 8], gl.float32, mma)
     acc = gl.reshape(zero, [VK, RM, 16, 8])
+    sq = zero_tile
     L4: gl.constexpr = acc.type.layout
     LS: gl.constexpr = gl.SliceLayout(3, L4)
     s_i = gl.arange(0, VK, layout=gl.SliceLayout(1, gl.SliceLayout(2, LS)))
@@ -128,25 +167,33 @@ def _gemv_int4_mma(X, W, S, Z, B, Out, M, N, K, stride_xm, stride_om, stride_wn:
     s_ptrs, z_ptrs = S + s_off, Z + s_off
     trips = K // (G * VK)
     # two trips a loop iteration, each trip's inputs loaded a trip ahead: only one set of registers is carried
-    wa, sa, za, xa = _group_inputs(w_ptrs, s_ptrs, z_ptrs, x_ptrs)
+    wa, sa, za = _weight_inputs(w_ptrs, s_ptrs, z_ptrs)
+    _wait_for_inputs(PDL)
+    xa, ga = _x_inputs(x_ptrs, g_ptrs, NORM)
     for t in range(0, trips - 2, 2):
-        wb, sb, zb, xb = _group_inputs(w_ptrs + (t + 1) * (VK * PART), s_ptrs + (t + 1) * VK, z_ptrs + (t + 1) * VK,
-                                       x_ptrs + (t + 1) * (VK * G))
-        acc = _group_step(acc, wa, sa, za, xa, ones, zero, zero_tile, LA, L4, FP16)
-        wa, sa, za, xa = _group_inputs(w_ptrs + (t + 2) * (VK * PART), s_ptrs + (t + 2) * VK, z_ptrs + (t + 2) * VK,
-                                       x_ptrs + (t + 2) * (VK * G))
-        acc = _group_step(acc, wb, sb, zb, xb, ones, zero, zero_tile, LA, L4, FP16)
-    wb, sb, zb, xb = _group_inputs(w_ptrs + (trips - 1) * (VK * PART), s_ptrs + (trips - 1) * VK,
-                                   z_ptrs + (trips - 1) * VK, x_ptrs + (trips - 1) * (VK * G))
-    acc = _group_step(acc, wa, sa, za, xa, ones, zero, zero_tile, LA, L4, FP16)
-    acc = _group_step(acc, wb, sb, zb, xb, ones, zero, zero_tile, LA, L4, FP16)
-    OL: gl.constexpr = gl.SliceLayout(0, mma)
-    out = gl.convert_layout(gl.reshape(gl.sum(acc, axis=0), [BN, 8]), OL)
-    o_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OL))
-    o_m = gl.arange(0, 8, layout=gl.SliceLayout(0, OL))
+        wb, sb, zb = _weight_inputs(w_ptrs + (t + 1) * (VK * PART), s_ptrs + (t + 1) * VK, z_ptrs + (t + 1) * VK)
+        xb, gb = _x_inputs(x_ptrs + (t + 1) * (VK * G), g_ptrs + (t + 1) * (VK * G), NORM)
+        acc, sq = _group_step(acc, sq, wa, sa, za, xa, ga, ones, zero, zero_tile, LA, L4, FP16, NORM)
+        wa, sa, za = _weight_inputs(w_ptrs + (t + 2) * (VK * PART), s_ptrs + (t + 2) * VK, z_ptrs + (t + 2) * VK)
+        xa, ga = _x_inputs(x_ptrs + (t + 2) * (VK * G), g_ptrs + (t + 2) * (VK * G), NORM)
+        acc, sq = _group_step(acc, sq, wb, sb, zb, xb, gb, ones, zero, zero_tile, LA, L4, FP16, NORM)
+    wb, sb, zb = _weight_inputs(w_ptrs + (trips - 1) * (VK * PART), s_ptrs + (trips - 1) * VK,
+                                z_ptrs + (trips - 1) * VK)
+    xb, gb = _x_inputs(x_ptrs + (trips - 1) * (VK * G), g_ptrs + (trips - 1) * (VK * G), NORM)
+    acc, sq = _group_step(acc, sq, wa, sa, za, xa, ga, ones, zero, zero_tile, LA, L4, FP16, NORM)
+    acc, sq = _group_step(acc, sq, wb, sb, zb, xb, gb, ones, zero, zero_tile, LA, L4, FP16, NORM)
+    acc = gl.sum(acc, axis=0)  # [RM, 16, 8]
+    if NORM:  # 1 / rms on the output rows
+        LR: gl.constexpr = acc.type.layout
+        rms = gl.convert_layout(gl.sum(sq, axis=0), gl.SliceLayout(0, LR))
+        acc *= gl.expand_dims(gl.rsqrt(rms * inv_k + eps), 0)
+    out = gl.permute(gl.reshape(acc, [BN, 8]), [1, 0])  # [8 rows of x, BN channels]
+    OL: gl.constexpr = out.type.layout
+    offs_m = gl.arange(0, 8, layout=gl.SliceLayout(1, OL))
+    offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
     if HAS_BIAS:
-        out += gl.load(B + o_n).to(gl.float32)[:, None]
-    gl.store(Out + o_m[None, :] * stride_om + o_n[:, None], out.to(Out.dtype.element_ty), mask=(o_m < M)[None, :])
+        out += gl.load(B + offs_n).to(gl.float32)[None, :]
+    EPILOGUE(out, offs_m, offs_n, M, N, Out, stride_om, E, stride_em)
 
 
 def _fits(c, N, K) -> bool:
@@ -155,28 +202,34 @@ def _fits(c, N, K) -> bool:
 
 CONFIGS = [triton.Config({"RM": rm, "GS": gs}, num_warps=nw)
            for nw, rm, gs in [(8, 2, 1), (8, 1, 2), (8, 2, 2), (4, 2, 2), (16, 2, 1), (8, 1, 4), (4, 2, 1)]]
-_gemv_tuned = autotuned(_gemv_int4_mma, CONFIGS, ["N", "K", "HAS_BIAS", "FP16"],
+_gemv_tuned = autotuned(_gemv_int4_mma, CONFIGS, ["N", "K", "HAS_BIAS", "NORM", "FP16"],
                         lambda configs, named_args, **kw: [c for c in configs if _fits(c, named_args["N"],
                                                                                       named_args["K"])])
 
 
 def applicable(x2: torch.Tensor, weight: torch.Tensor, group_size: int, epilogue: str, norm_weight) -> bool:
-    """x2 [M, K] rows times weight [N, K / 8] int32: CUDA sm80 on, bf16/fp16 x with unit K stride, group 64, M <= 8,
-    a plain store (no epilogue, no folded norm), and shapes some config tiles."""
+    """x2 [M, K] rows times weight [N, K / 8] int32: CUDA sm80 on, bf16/fp16 x with unit K stride, group 64, M <= 8
+    (1 with a folded norm), no paired (glu_) epilogue, and shapes some config tiles."""
     M, K = x2.shape
     return (x2.is_cuda and not triton.knobs.runtime.interpret and torch.version.hip is None
             and torch.cuda.get_device_capability(x2.device) >= (8, 0) and x2.dtype in (torch.bfloat16, torch.float16)
-            and x2.stride(1) == 1 and group_size == GROUP_SIZE and 1 <= M <= MAX_ROWS and not epilogue
-            and norm_weight is None and K == 8 * weight.shape[1] and weight.stride(1) == 1
-            and any(_fits(c, weight.shape[0], K) for c in CONFIGS))
+            and x2.stride(1) == 1 and group_size == GROUP_SIZE and 1 <= M <= (1 if norm_weight is not None else MAX_ROWS)
+            and not any(step.startswith(codegen.PAIRED) for step in codegen.parse(epilogue))
+            and (norm_weight is None or (norm_weight.dtype == x2.dtype and norm_weight.stride(0) == 1))
+            and K == 8 * weight.shape[1] and weight.stride(1) == 1 and any(_fits(c, weight.shape[0], K) for c in CONFIGS))
 
 
-def gemv(x2, weight, scales, zeros, bias, out) -> torch.Tensor:
-    """out [M, N] = x2 @ W^T (+ bias), where applicable(); scales and zeros [N, >= K / 64] with unit column stride."""
+def gemv(x2, weight, scales, zeros, bias, out, epilogue: str, e, stride_em: int, norm_weight, inv_k: float, eps: float,
+         pdl: bool) -> torch.Tensor:
+    """out [M, N] = x2 @ W^T (+ bias) through the epilogue (codegen's spec; its operand e), where applicable();
+    scales and zeros [N, >= K / 64] with unit column stride; norm_weight [K] folds rms_norm(x2) in (inv_k: 1 / the
+    unpadded K). pdl: launched under programmatic dependent launch."""
     M, K = x2.shape
     N = weight.shape[0]
     grid = lambda meta: (N // (16 * meta["RM"]),)
-    _gemv_tuned[grid](x2, weight, scales, zeros, out if bias is None else bias, out, M, N, K, x2.stride(0),
-                      out.stride(0), stride_wn=weight.stride(0), stride_sn=scales.stride(0), HAS_BIAS=bias is not None,
-                      FP16=x2.dtype == torch.float16)
+    _gemv_tuned[grid](x2, weight, scales, zeros, out if bias is None else bias, out, e,
+                      x2 if norm_weight is None else norm_weight, M, N, K, x2.stride(0), out.stride(0), stride_em,
+                      inv_k, eps, stride_wn=weight.stride(0), stride_sn=scales.stride(0), HAS_BIAS=bias is not None,
+                      EPILOGUE=codegen.epilogue(epilogue), NORM=norm_weight is not None, PDL=pdl,
+                      FP16=x2.dtype == torch.float16, **({"launch_pdl": True} if pdl else {}))
     return out

@@ -550,7 +550,9 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
         if M <= GEMV_MAX_ROWS and bits == 4 and int4_gemv_mma.applicable(x2, weight, group_size, epilogue, norm_weight):
-            int4_gemv_mma.gemv(x2, weight, scales, scales if zeros is None else zeros, bias, out)
+            int4_gemv_mma.gemv(x2, weight, scales, zeros, bias, out, epilogue, e, stride_em,
+                               None if norm_weight is None else norm, inv_k,
+                               norm_eps, "launch_pdl" in pdl)
         elif M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
