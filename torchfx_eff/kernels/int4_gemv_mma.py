@@ -13,7 +13,7 @@ A program takes 16 * RM channels; its warps take NW * GS consecutive groups at a
 each loaded one trip ahead. The words keep int4_weight_only's layout: word j's nibble i is the group's K
 i * 8 + j, and the tile's K order is that order (see _decode_tile). A folded RMSNorm (one row) multiplies x by
 its weight in the MMA's operand and sums x^2 with one more MMA (x's registers read as a first operand); the
-generated epilogues (codegen) run on the output tile, all but the paired glu_ ones.
+generated epilogues (codegen) run on the output tile.
 """
 from __future__ import annotations
 
@@ -187,8 +187,9 @@ def _gemv_int4_mma(X, W, S, Z, B, Out, E, Gn, M, N, K, stride_xm, stride_om, str
         LR: gl.constexpr = acc.type.layout
         rms = gl.convert_layout(gl.sum(sq, axis=0), gl.SliceLayout(0, LR))
         acc *= gl.expand_dims(gl.rsqrt(rms * inv_k + eps), 0)
-    out = gl.permute(gl.reshape(acc, [BN, 8]), [1, 0])  # [8 rows of x, BN channels]
-    OL: gl.constexpr = out.type.layout
+    # [8 rows of x, BN channels], adjacent channels in a thread's registers (the glu_ epilogues pair them)
+    OL: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [1, NW], [1, 0])
+    out = gl.convert_layout(gl.permute(gl.reshape(acc, [BN, 8]), [1, 0]), OL)
     offs_m = gl.arange(0, 8, layout=gl.SliceLayout(1, OL))
     offs_n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
     if HAS_BIAS:
@@ -209,12 +210,11 @@ _gemv_tuned = autotuned(_gemv_int4_mma, CONFIGS, ["N", "K", "HAS_BIAS", "NORM", 
 
 def applicable(x2: torch.Tensor, weight: torch.Tensor, group_size: int, epilogue: str, norm_weight) -> bool:
     """x2 [M, K] rows times weight [N, K / 8] int32: CUDA sm80 on, bf16/fp16 x with unit K stride, group 64, M <= 8
-    (1 with a folded norm), no paired (glu_) epilogue, and shapes some config tiles."""
+    (1 with a folded norm), and shapes some config tiles."""
     M, K = x2.shape
     return (x2.is_cuda and not triton.knobs.runtime.interpret and torch.version.hip is None
             and torch.cuda.get_device_capability(x2.device) >= (8, 0) and x2.dtype in (torch.bfloat16, torch.float16)
             and x2.stride(1) == 1 and group_size == GROUP_SIZE and 1 <= M <= (1 if norm_weight is not None else MAX_ROWS)
-            and not any(step.startswith(codegen.PAIRED) for step in codegen.parse(epilogue))
             and (norm_weight is None or (norm_weight.dtype == x2.dtype and norm_weight.stride(0) == 1))
             and K == 8 * weight.shape[1] and weight.stride(1) == 1 and any(_fits(c, weight.shape[0], K) for c in CONFIGS))
 
