@@ -387,64 +387,6 @@ def test_every_gemv_config_on_gpu_matches_fp32_of_dequantized_weights(bits, monk
     assert not wrong, wrong
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int4_tensor_core_gemv_configs_on_gpu_match_fp32_of_dequantized_weights(dtype, monkeypatch):
-    """kernels/int4_gemv_mma.py: each config alone, through weight_only_matmul (which must route there), at 1, 2
-    and 7 rows (the MMA's columns past M repeat row M - 1) with and without bias, at 2 rows through a generated
-    epilogue (silu), and at 1 row with a folded RMSNorm and a residual add, or gate/up channels interleaved into
-    glu_silu then add (a decode layer's fused sites); a shape it does not tile (N not a multiple of 16) takes the
-    CUDA-core GEMV."""
-    from helpers import unfused_epilogue
-
-    from torchfx_eff import codegen
-    from torchfx_eff.kernels import int4_gemv_mma, weight_only_triton as wt
-    from torchfx_eff.kernels.int4_weight_only import pack_int4, quantize_int4
-
-    N, K = 512, 4096
-    w = torch.randn(N, K, device="cuda")
-    codes, scales, zeros = quantize_int4(w, 64)
-    deq = ((codes.float().reshape(N, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(N, K)
-    args = (pack_int4(codes, 64), wt.aligned_rows(scales), wt.aligned_rows(zeros))
-    bias = torch.randn(N, device="cuda", dtype=dtype)
-    g = (torch.rand(K, device="cuda") + 0.5).to(dtype)
-    calls = []
-    monkeypatch.setattr(int4_gemv_mma, "gemv", lambda *a, gemv=int4_gemv_mma.gemv: calls.append(1) or gemv(*a))
-    monkeypatch.setattr(wt, "GEMV_MAX_ROWS", int4_gemv_mma.MAX_ROWS)
-    cases = [(M, b, "", False) for M in (1, 2, 7) for b in (None, bias)]
-    cases += [(2, bias, "silu", False), (1, None, "add", True), (1, bias, "glu_silu,add", True)]
-    paired = [codegen.pair_channels(t) for t in args]
-    tuned, wrong = int4_gemv_mma._gemv_tuned, []
-    for config in list(tuned.configs):
-        monkeypatch.setattr(tuned, "configs", [config])
-        monkeypatch.setattr(tuned, "cache", {})
-        for M, b, spec, norm in cases:
-            x = torch.randn(M, K, device="cuda", dtype=dtype)
-            glu = spec.startswith("glu_")
-            residual = torch.randn(M, codegen.out_features(spec, N), device="cuda", dtype=dtype) \
-                if codegen.reads_operand(spec) else None
-            out = wt.weight_only_matmul(x, *(paired if glu else args), codegen.pair_channels(b) if glu else b, 4, 64,
-                                        spec, residual, norm_weight=g if norm else None, norm_eps=1e-6)
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6) * g.float() if norm else xf
-            y = xf @ deq.T + (0 if b is None else b.float())
-            ref = unfused_epilogue(spec, y, None if residual is None else residual.float())
-            # y's error (bf16 roundings of x * g, the MMA's operand, and of the output) is a few 2^-8 of scale
-            scale = xf.abs() @ deq.abs().T + (0 if b is None else b.float().abs())
-            if glu:  # silu(gate) * up: each factor's error times the other (|silu'| <= 1.1), then the rounding
-                gate, up = y.chunk(2, dim=-1)
-                s_gate, s_up = scale.chunk(2, dim=-1)
-                silu = torch.nn.functional.silu(gate)
-                scale = 1.1 * s_gate * up.abs() + s_up * silu.abs() + (silu * up).abs()
-            scale = scale + (0 if residual is None else residual.float().abs())
-            if out.shape != ref.shape or not bool(((out.float() - ref).abs() <= 3 * 2.0 ** -8 * scale).all()):
-                wrong.append((str(config), M, b is not None, spec, norm))
-    assert not wrong, wrong
-    assert len(calls) == len(cases) * len(tuned.configs)
-    x = torch.randn(1, K, device="cuda", dtype=dtype)
-    wt.weight_only_matmul(x, args[0][:-8], args[1][:-8], args[2][:-8], None, 4, 64)
-    assert len(calls) == len(cases) * len(tuned.configs)  # N = 504: the CUDA-core GEMV
-
-
 @pytest.mark.parametrize("graphed", [False, True])
 def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypatch):
     """A chain of GEMVs, each reading the one before and a residual a plain kernel writes just before it: launched

@@ -35,7 +35,6 @@ import triton.language as tl
 
 from .. import codegen
 from ..cost import devices, formulas
-from . import int4_gemv_mma
 from .registry import autotuned, needs_dtype, sm_count
 
 INTERPRETING = triton.knobs.runtime.interpret  # kernels run on CPU tensors through Triton's interpreter
@@ -549,11 +548,7 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         flags = {"PART": part, "HAS_BIAS": bias is not None, "EPILOGUE": store, "NORM": norm_weight is not None}
         gemv_grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
         pdl = {"PDL": True, "launch_pdl": True} if programmatic_launch(x.device) else {"PDL": False}
-        if M <= GEMV_MAX_ROWS and bits == 4 and int4_gemv_mma.applicable(x2, weight, group_size, epilogue, norm_weight):
-            int4_gemv_mma.gemv(x2, weight, scales, zeros, bias, out, epilogue, e, stride_em,
-                               None if norm_weight is None else norm, inv_k,
-                               norm_eps, "launch_pdl" in pdl)
-        elif M <= GEMV_MAX_ROWS and bits == 4:
+        if M <= GEMV_MAX_ROWS and bits == 4:
             block = {"BLOCK_N": 16, "STEP_BYTES": 4 * part} if INTERPRETING else {}
             _gemv_int4_tuned[gemv_grid](*args, **flags, ASM=PTX, **pdl, **block)
         elif M <= GEMV_MAX_ROWS:
