@@ -122,8 +122,8 @@ def _anchors(x, w) -> dict:
     return out
 
 
-def kernels_rows(modes=()) -> list[dict]:
-    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x ROWS; at
+def kernels_rows(modes=(), row_counts=ROWS) -> list[dict]:
+    """Every linear implementation (those named in modes, when given) beside the anchors, at SHAPES x row_counts; at
     M = 1 also as a fraction of the speed of a copy and of a read of the same bytes (copy_ms, read_ms)."""
     spec = cost.detect(torch.device("cuda"))
     # Replacements that are Python functions (a prologue that quantizes x, casts) run as Inductor compiles them
@@ -131,7 +131,7 @@ def kernels_rows(modes=()) -> list[dict]:
     compiled = {}
     rows = []
     for K, N in SHAPES:
-        for M in ROWS:
+        for M in row_counts:
             copies = -(-COLD_BYTES // (2 * N * K)) if M <= 128 else 1  # large M: compute-bound, one copy
             ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(copies)]
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -394,7 +394,8 @@ def decode_rows(prompt=512, new_tokens=256, modes=DECODE_MODES) -> list[dict]:
 def gpu_linear(args) -> list[dict]:
     rows = ceiling_rows()
     if "kernels" in args.parts:
-        rows += kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(","))))
+        rows += kernels_rows(tuple(_linear_mode(m)[0] for m in filter(None, args.modes.split(","))),
+                             [int(m) for m in args.rows.split(",")] if args.rows else ROWS)
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
     rows += chain_rows() if "chain" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])

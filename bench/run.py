@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="",
                         help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e "
                              "also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
+    parser.add_argument("--rows", default="",
+                        help="gpu_linear kernels: comma-separated row counts M (default: 1,16,128,4096; a subset "
+                             "names its file)")
     parser.add_argument("--calibrate", type=int, default=64,
                         help="cpu_quality: held-out windows of 512 tokens to calibrate activations on (0: none; "
                              "8 until 2026-12-06, see bench/quality.py)")
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     parts = "" if args.parts == PARTS.get(args.suite, "") else "-" + args.parts.replace(",", "-")
+    parts += "-m" + args.rows.replace(",", "-") if args.rows else ""
     path = args.out / f"{args.suite}{parts}-{slug}-{result['date'][:10]}.json"
     path.write_text(json.dumps(result, indent=1))
 
