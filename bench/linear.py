@@ -169,6 +169,44 @@ def kernels_rows(modes=(), row_counts=ROWS) -> list[dict]:
     return rows
 
 
+# The GEMVs the autotuner picks a config for, by linear mode: (autotuned kernel, its config pruner, PART).
+TUNED_GEMVS = {"int4_weight_only": (weight_only_triton._gemv_int4_tuned, weight_only_triton._prune_gemv_int4, 8),
+               "int8_weight_only": (weight_only_triton._gemv_tuned, weight_only_triton._prune_gemv, 64)}
+
+
+def tuner_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
+    """Each weight-only GEMV's autotuned pick at M = 1 (registry.cold_bench timing each config, fresh cache) against
+    the best of the configs it chose from, all timed as kernels_rows times the GEMV: weight copies back to back from
+    one CUDA graph, through the mode's replacement (programmatic launch where the device has it)."""
+    impls = {impl.name: impl for impl in kernels.implementations("linear")}
+    rows = []
+    for name in modes:
+        tuned, prune, part = TUNED_GEMVS[name]
+        configs = list(tuned.configs)
+        for K, N in SHAPES:
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            reps = [impls[name].replace(_site(x, torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5))
+                    for _ in range(-(-COLD_BYTES // (2 * N * K)))]
+            calls = [lambda r=r: r.op(*r.args, **r.kwargs) for r in reps]
+            try:
+                tuned.cache.clear()
+                calls[0]()
+                pick = next(iter(tuned.cache.values()))
+                times = {}
+                for config in prune(configs, {"K": K, "N": N}, PART=part):
+                    tuned.configs, tuned.cache = [config], {}  # one config: triton runs it untimed
+                    times[config] = _ms(calls)
+            finally:
+                tuned.configs, tuned.cache = configs, {}
+            best = min(times, key=times.get)
+            rows.append({"name": f"K={K} N={N} M=1 {name} autotuner pick", "value": times[pick], "unit": "ms",
+                         "anchor": "best config", "anchor_value": times[best], "ratio": times[best] / times[pick],
+                         "pick": str(pick), "best": str(best),
+                         "configs_ms": {str(c): t for c, t in sorted(times.items(), key=lambda kv: kv[1])}})
+            del x, reps, calls
+    return rows
+
+
 # One decoder layer's linears of the 1.1B at M = 1, Q/K/V and gate/up fused, as (N, K): a decode step runs 16 in turn
 CHAIN_LAYER = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
 CHAIN_LAYERS = 16
@@ -398,6 +436,7 @@ def gpu_linear(args) -> list[dict]:
                              [int(m) for m in args.rows.split(",")] if args.rows else ROWS)
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
     rows += chain_rows() if "chain" in args.parts else []
+    rows += tuner_rows() if "tuner" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 
