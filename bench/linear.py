@@ -195,7 +195,8 @@ def tuner_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
                 times = {}
                 for config in prune(configs, {"K": K, "N": N}, PART=part):
                     tuned.configs, tuned.cache = [config], {}  # one config: triton runs it untimed
-                    times[config] = _ms(calls)
+                    if (ms := _ms(calls)) is not None:  # None: the config failed to run here
+                        times[config] = ms
             finally:
                 tuned.configs, tuned.cache = configs, {}
             best = min(times, key=times.get)
