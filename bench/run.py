@@ -100,8 +100,9 @@ def main(argv=None) -> int:
                         help="gpu_attention: kernels, decode, e2e; gpu_linear: kernels, chain, e2e, tuner; or several "
                              "(default: all but tuner; a subset names its file)")
     parser.add_argument("--modes", default="",
-                        help="cpu_quality, gpu_linear: comma-separated linear modes (default: all); gpu_linear e2e "
-                             "also takes a mode+siblings (Q/K/V and gate/up fused, originals released)")
+                        help="cpu_quality, gpu_linear: comma-separated linear modes (default: all; a subset names its "
+                             "file); gpu_linear e2e also takes a mode+siblings (Q/K/V and gate/up fused, originals "
+                             "released)")
     parser.add_argument("--rows", default="",
                         help="gpu_linear kernels: comma-separated row counts M (default: 1,16,128,4096; a subset "
                              "names its file)")
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].split(" (")[0].lower()).strip("-")
     parts = "" if args.parts == PARTS.get(args.suite, "") else "-" + args.parts.replace(",", "-")
     parts += "-m" + args.rows.replace(",", "-") if args.rows else ""
+    parts += "-" + "".join(c if c.isalnum() or c == "_" else "-" for c in args.modes) if args.modes else ""
     path = args.out / f"{args.suite}{parts}-{slug}-{result['date'][:10]}.json"
     path.write_text(json.dumps(result, indent=1))
 
