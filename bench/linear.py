@@ -175,7 +175,7 @@ TUNED_GEMVS = {"int4_weight_only": (weight_only_triton._gemv_int4_tuned, weight_
 
 
 def tuner_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
-    """Each weight-only GEMV's autotuned pick at M = 1 (registry.cold_bench timing each config, fresh cache) against
+    """Each weight-only GEMV's autotuned pick at M = 1 (registry.decode_bench timing each config, fresh cache) against
     the best of the configs it chose from, all timed as kernels_rows times the GEMV: weight copies back to back from
     one CUDA graph, through the mode's replacement (programmatic launch where the device has it)."""
     impls = {impl.name: impl for impl in kernels.implementations("linear")}

@@ -429,13 +429,13 @@ def test_gemvs_under_programmatic_launch_equal_plain_launches(graphed, monkeypat
     assert torch.equal(with_pdl, run())
 
 
-def test_cold_bench_times_a_copy_as_rotating_buffers_do_and_slower_than_from_l2():
-    """The autotuners' bench (registry.cold_bench) against an independent measure: a copy timed over buffers that
-    together exceed the L2 several times (each copy meets them cold), and the same copy repeated on one pair (warm
-    in the L2, faster)."""
+def test_decode_bench_times_a_copy_as_rotating_buffers_do_and_slower_than_from_l2():
+    """The autotuners' bench (registry.decode_bench over registry.cold_copies) against an independent measure: a copy
+    timed by Triton's CUDA-graph bench over buffers that together exceed the L2 several times (each copy meets them
+    cold), and the same copy repeated on one pair (warm in the L2, faster)."""
     from triton.testing import do_bench_cudagraph
 
-    from torchfx_eff.kernels.registry import cold_bench
+    from torchfx_eff.kernels.registry import cold_copies, decode_bench
 
     n = 2 << 20  # 8 MB of fp32 read and 8 MB written: fits the L2 of sm80+ GPUs (40-50 MB)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -443,7 +443,8 @@ def test_cold_bench_times_a_copy_as_rotating_buffers_do_and_slower_than_from_l2(
     rotating = do_bench_cudagraph(lambda: [d.copy_(s) for s, d in pairs], rep=100, return_mode="median") / len(pairs)
     src, dst = pairs[0]
     warm = do_bench_cudagraph(lambda: [dst.copy_(src) for _ in pairs], rep=100, return_mode="median") / len(pairs)
-    median, low, high = cold_bench(lambda: dst.copy_(src), quantiles=(0.5, 0.2, 0.8))
+    copies = cold_copies((src, dst), l2)
+    median, low, high = decode_bench([lambda s=s, d=d: d.copy_(s) for s, d in copies], quantiles=(0.5, 0.2, 0.8))
     assert low <= median <= high
     assert 0.8 * rotating <= median <= 1.25 * rotating, (median, rotating, warm)
     assert median > 1.15 * warm, (median, rotating, warm)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from .. import codegen
 from ..config import ACCURACY
@@ -20,44 +22,65 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cold_bench(kernel_call: Callable[[], Any], quantiles, calls: int = 10, reps: int = 9) -> list[float]:
-    """triton.autotune's do_bench: the ms of kernel_call as a decode step meets a kernel, L2-cold and launched back
-    to back, at the given quantiles over reps. Each call follows a read of twice the L2 (its weights come from DRAM,
-    as each layer's do), inside a CUDA graph (no launch overhead); the time is that of the graph less the graph of
-    the reads alone, divided by calls. Triton's default bench writes 256 MB before each launch and times single
-    launches with events: on the H100 its picks for 6 us int4 GEMVs ran up to 1.7x their best config's time, and
-    varied run to run."""
-    flush = torch.empty(2 * torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size // 4,
-                        dtype=torch.float32, device="cuda").fill_(0)
-    graphs, stream = [], torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())  # the kernel's inputs and the flush buffer are written there
+COLD_COPIES_MAX = 256  # copies of a kernel's inputs while it is timed (tiny kernels are launch-bound anyway)
+
+
+def cold_copies(args: tuple, l2_bytes: int) -> list[tuple]:
+    """args, then copies of its tensors (other values shared), enough that all together hold four times l2_bytes:
+    calls cycling over them meet their inputs in HBM, as each layer of a decode step meets its own weights."""
+    nbytes = sum(a.nbytes for a in args if isinstance(a, torch.Tensor))
+    copies = min(COLD_COPIES_MAX, -(-4 * l2_bytes // max(nbytes, 1)))
+    return [args] + [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args) for _ in range(copies - 1)]
+
+
+def decode_bench(calls: Sequence[Callable[[], Any]], quantiles, launches: int = 16, reps: int = 9) -> list[float]:
+    """ms of one call at the given quantiles over reps, timed as a decode step meets its kernels: launched back to
+    back from one CUDA graph (a programmatic launch overlaps the previous kernel's tail, as in a step), cycling over
+    calls until at least `launches` ran. Calls over cold_copies read their inputs from HBM."""
+    count = max(launches, len(calls))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the calls' inputs are written there
     with torch.cuda.stream(stream):
-        kernel_call()  # compiles (and fails, for a config out of resources) outside the capture
-        for with_call in (True, False):
-            graphs.append(torch.cuda.CUDAGraph())
-            with torch.cuda.graph(graphs[-1]):
-                for _ in range(calls):
-                    flush.sum()
-                    if with_call:
-                        kernel_call()
-        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
-        for rep in events:
-            for i, graph in enumerate(graphs):
-                rep[2 * i].record()
-                graph.replay()
-                rep[2 * i + 1].record()
+        calls[0]()  # compiles (and fails, for a config out of resources) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(count):
+                calls[i % len(calls)]()
+        graph.replay()  # warm-up
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
         torch.cuda.synchronize()
-    times = torch.tensor([(a.elapsed_time(b) - c.elapsed_time(d)) / calls for a, b, c, d in events])
+    times = torch.tensor([start.elapsed_time(end) / count for start, end in events])
     return torch.quantile(times, torch.tensor(quantiles, dtype=times.dtype)).tolist()
 
 
+class DecodeTimedAutotuner(triton.runtime.Autotuner):
+    """triton.autotune timing each config by decode_bench over cold_copies of the kernel's arguments. Triton's own
+    bench times single launches after a 256 MB write; an L2 flush before each launch (this module's bench until
+    2026-12-07) also timed launches alone: on the H100 its picks for M = 1 GEMVs ran up to 9% slower back to back than
+    the best config (bench/results/gpu_linear-tuner-...-2026-12-07), and a second tune picked a config 1.75x off."""
+
+    def _bench(self, *args, config, **meta):
+        options = dict(meta, **config.all_kwargs())
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        copies = cold_copies(args, torch.cuda.get_device_properties(device).L2_cache_size)
+        try:
+            return decode_bench([functools.partial(self.fn.run, *copy, **options) for copy in copies],
+                                quantiles=(0.5, 0.2, 0.8))
+        except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
+            return [float("inf")] * 3
+
+
 def autotuned(kernel, configs, key, prune=None):
-    """kernel under triton.autotune, timed by cold_bench; the kernel itself under Triton's interpreter (callers then
-    pass a config's values)."""
+    """kernel under DecodeTimedAutotuner; the kernel itself under Triton's interpreter (callers then pass a config's
+    values)."""
     if triton.knobs.runtime.interpret:
         return kernel
-    return triton.autotune(configs, key=key, prune_configs_by=prune and {"early_config_prune": prune},
-                           do_bench=cold_bench)(kernel)
+    return DecodeTimedAutotuner(kernel, kernel.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+                                prune_configs_by=prune and {"early_config_prune": prune})
 
 
 def sm_count(device: torch.device) -> int:
