@@ -303,11 +303,13 @@ PROFILED_STEPS = 8
 WARMUP_STEPS = 3  # decode steps before capture: compile, autotune, then a run with everything warm
 
 
-# Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released);
-# "+nonorms" keeps the RMSNorms out of the linears reading them (Config.fuse_norms, on by default); "+calibrate" times
+# Decode mode suffixes: "+siblings" fuses Q/K/V and gate/up into one linear each (their originals released; without
+# it Config.fuse_siblings="auto" fuses those whose fused linear packs), "+nosiblings" fuses none (the default until
+# 2026-12-07); "+nonorms" keeps the RMSNorms out of the linears reading them (Config.fuse_norms, on by default); "+calibrate" times
 # the applicable candidates on the real inputs instead of trusting estimates; "+flash" gives every attention site to
 # triton_flash (its split-K decode), whatever the cost model would pick; "+nocombo" turns Inductor's combo kernels off.
-MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "nonorms": {"fuse_norms": False},
+MODE_OPTIONS = {"siblings": {"fuse_siblings": True, "release_weights": True}, "nosiblings": {"fuse_siblings": False},
+                "nonorms": {"fuse_norms": False},
                 "calibrate": {"calibrate": True}, "flash": {"attention": ("triton_flash",)}, "nopdl": {},
                 "nocombo": {"combo_kernels": False}}
 # "+nopdl": the weight-only GEMVs launch plainly, not overlapping the previous kernel (programmatic dependent launch)

@@ -100,10 +100,12 @@ def sqnr_ref(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def compiled(model, **config):
-    """torch.compile with the torchfx_eff backend; inner='eager', linear=("int8_weight_only",) and
-    output_linear_8bit=False unless said otherwise: the pipeline tests follow one lossy linear candidate (each other
-    candidate has its own tests) on every linear, the graph's output one too (test_int4_kernel tests that rule)."""
+    """torch.compile with the torchfx_eff backend; inner='eager', linear=("int8_weight_only",),
+    output_linear_8bit=False and fuse_siblings=False unless said otherwise: the pipeline tests follow one lossy linear
+    candidate (each other candidate has its own tests) on every linear, the graph's output one too (test_int4_kernel
+    tests that rule), each linear its own site (test_siblings tests fusion, "auto" included)."""
     config.setdefault("inner", "eager")
+    config.setdefault("fuse_siblings", False)
     config.setdefault("linear", ("int8_weight_only",))
     config.setdefault("output_linear_8bit", False)
     return torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(**config)))
@@ -154,7 +156,7 @@ class LinearStack(torch.nn.Module):
 def fused_away(report=None, graph_id=None) -> int:
     """Linear calls that sibling fusion merged into others: a "siblings" record of n members ("linear xn") stands
     for n eager calls and leaves one linear site. Expected linear sites = counts["linear"] - fused_away()."""
-    return sum(int(s.op.rsplit(" x", 1)[1]) - 1 for s in sites("siblings", report=report)
+    return sum(int(s.op.rsplit(" x", 1)[1]) - 1 for s in sites("siblings", "rewritten", report=report)
                if graph_id is None or s.graph_id == graph_id)
 
 

@@ -85,6 +85,21 @@ def test_config_is_frozen():
         Config().accuracy = "aggressive"
 
 
+@pytest.mark.parametrize("bad", [1, 0, "true", "on", None])
+def test_fuse_siblings_is_auto_or_a_bool(bad):
+    assert Config().fuse_siblings == "auto" and Config(fuse_siblings=False).fuse_siblings is False
+    with pytest.raises(ValueError) as e:
+        Config(fuse_siblings=bad)
+    msg = str(e.value)
+    assert msg.startswith("Config.fuse_siblings=") and repr(bad) in msg
+    assert "'auto'" in msg and "True" in msg and "False" in msg
+
+
+@pytest.mark.parametrize("raw,value", [("auto", "auto"), ("AUTO", "auto"), ("1", True), ("false", False)])
+def test_from_env_fuse_siblings(raw, value):
+    assert Config.from_env(environ={"TORCHFX_EFF_FUSE_SIBLINGS": raw}).fuse_siblings == value
+
+
 def test_from_env_reads_every_field(tmp_path):
     log = str(tmp_path / "log.jsonl")
     env = {

@@ -318,7 +318,7 @@ def test_symbolic_rows_fuse_and_rerun_at_other_sizes(triton_path):
     """Fused for rows that may take the Triton kernels; past DEQUANTIZE_MIN_ROWS[8] a pass of its own applies it."""
     model = Net(lambda m, x, r: F.silu(m.a(x)) * m.b(x) + r).eval()
     cm = torch.compile(model, dynamic=True, backend=torchfx_eff.backend(torchfx_eff.Config(
-        inner="eager", linear=("int8_weight_only",))))
+        inner="eager", linear=("int8_weight_only",), fuse_siblings=False)))
     for rows in (3, 5, 70, weight_only_triton.DEQUANTIZE_MIN_ROWS[8] + 1):
         x, r = torch.randn(rows, 32), torch.randn(rows, 48)
         with torch.no_grad():

@@ -21,9 +21,10 @@ from helpers import (
 
 import torchfx_eff
 
-compiled = functools.partial(helpers.compiled, fuse_siblings=True)  # fusion is opt-in
+compiled = functools.partial(helpers.compiled, fuse_siblings=True)  # always fused; "auto" (the default) below
 from torchfx_eff import passes
 from torchfx_eff.config import Config
+from torchfx_eff.report.records import FUSED_COPY_PREFIX
 from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 from torchfx_eff.passes import siblings
 
@@ -77,6 +78,47 @@ def test_qkv_of_a_static_cache_decode_is_fused(family):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     groups = DECODER_GROUPS[family] * SMALL["layers"]
     assert sorted(int(s.op.split(" x")[1]) for s in sites("siblings")) == sorted(groups)
+
+
+def test_auto_fuses_a_group_whose_fused_linear_packs_and_frees_its_copy():
+    """fuse_siblings="auto" (the default) at M = 1 with static shapes: int8 packs every fused linear, so each group
+    fuses, its concatenated copy is freed once packed, and the logits are those of the unfused int8 compile."""
+    model = make_model("llama", BIG, torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 1))
+    outs, reports = [], []
+    for fuse in ("auto", False):
+        torch._dynamo.reset()
+        torchfx_eff.reset()
+        backend = torchfx_eff.backend(Config(inner="eager", linear=("int8_weight_only",), output_linear_8bit=False,
+                                             fuse_siblings=fuse))
+        with torch.no_grad():
+            outs.append(torch.compile(model, backend=backend, dynamic=False)(ids).logits)
+        reports.append(torchfx_eff.last_report())
+    fused = sites("siblings", report=reports[0])
+    assert sorted(int(s.op.split(" x")[1]) for s in fused) == sorted(DECODER_GROUPS["llama"] * BIG["layers"])
+    assert all((s.status, s.chosen) == ("rewritten", "concat") for s in fused)
+    copies = [s for s in sites("weight", report=reports[0]) if s.op.startswith(FUSED_COPY_PREFIX)]
+    assert copies and all(s.status == "released" for s in copies)
+    assert not sites("siblings", report=reports[1])
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_auto_leaves_a_group_unfused_where_its_fused_linear_keeps_the_original():
+    """On the small fp32 model the original wins every linear: under "auto" the fused linears would read their
+    concatenated copies as is, beside the members, so each group stays unfused and its record says why."""
+    model = make_model("llama", SMALL, torch.float32)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = model(ids).logits
+    with torch.no_grad():
+        out = helpers.compiled(model, fuse_siblings="auto")(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    kept = sites("siblings")
+    assert sorted(int(s.op.split(" x")[1]) for s in kept) == sorted(DECODER_GROUPS["llama"] * SMALL["layers"])
+    assert all(s.status == "kept" and s.reason.startswith("not fused: the fused linear read") for s in kept)
+    assert len(matched("linear")) == counts["linear"]
+    assert not [s for s in sites("weight") if s.op.startswith(FUSED_COPY_PREFIX)]
+    assert not any(siblings._COPIES.get(p) for p in model.parameters())  # no concatenation stays cached
 
 
 def test_qkv_record_names_members_and_counts_the_copy():

@@ -12,6 +12,7 @@ import torch.fx as fx
 from . import cost, gate, kernels, memory, passes, report
 from .config import Config
 from .report import SiteRecord
+from .passes.siblings import copies_read_as_is
 from .rewrite import Rewriter, rows_dispatch
 
 log = logging.getLogger("torchfx_eff")
@@ -111,18 +112,21 @@ class Backend:
         report.add_graph(records, self.config.log)
         return guarded
 
-    def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True):
+    def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True,
+                unfused: frozenset = frozenset()):
         """A rewritten copy of gm (gm itself is never modified), one record per site, and the parameters
         (with their version counters) that rewrites packed into constants. dispatch=False: no site dispatches
-        on its row count; each takes its choice at the example's size."""
+        on its row count; each takes its choice at the example's size. Under fuse_siblings="auto", sibling groups
+        whose fused linear reads its concatenated weight as is are rewritten again unfused (unfused: their copies'
+        names), unless Config.release_weights frees the members."""
         config = self.config
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
             passes.normalize(work)
             info = passes.GraphInfo(work, list(example_inputs))
         with stage("siblings"):
-            fuse = config.fuse_siblings and config.family("linear") != "off"
-            fused = passes.fuse_siblings(info, graph_id) if fuse else []
+            fuse = config.fuse_siblings is not False and config.family("linear") != "off"
+            fused = passes.fuse_siblings(info, graph_id, unfused) if fuse else []
         with stage("match"):
             found = [s for kind, match in passes.MATCHERS.items() for s in match(info)]
         records, sites = fused, []
@@ -173,7 +177,12 @@ class Backend:
                     raise
                 records.append(SiteRecord(graph_id, "norm", "fallback", "rms_norm", reason=f"norms kept: {e}"))
         with stage("rewrite"):
-            return rewriter.finish(), records, rewriter.packed
+            rewritten = rewriter.finish()
+        auto = config.fuse_siblings == "auto" and not config.release_weights
+        read_as_is = copies_read_as_is(rewritten) if auto else set()
+        if read_as_is:
+            return self.rewrite(gm, example_inputs, graph_id, dispatch, unfused | read_as_is)
+        return rewritten, records, rewriter.packed
 
     def _fold_norms(self, graph_id, work: fx.GraphModule, example_inputs, rewriter: Rewriter) -> list[SiteRecord]:
         """Each RMSNorm that only weight-only Triton linears read, folded into them when every fold passes the

@@ -10,7 +10,7 @@ ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
 CUDA_GRAPHS = ("auto", "on", "off")
-BOOLEANS = ("calibrate", "strict", "fuse_siblings", "fuse_epilogues", "fuse_norms", "release_weights",
+BOOLEANS = ("calibrate", "strict", "fuse_epilogues", "fuse_norms", "release_weights",
             "output_linear_8bit", "combo_kernels")
 
 # A family field is "auto", "off", or a tuple of allowed candidate names.
@@ -44,9 +44,11 @@ class Config:
     calibrate: time applicable candidates on the real inputs (cached on disk) instead of trusting estimates.
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
     fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
-        weights, before matching (exact). Off by default: the concatenation is a copy (about +70% of a Llama layer's
-        weight bytes) next to the module's parameters; it is freed once no compiled graph reads it as is (its linear
-        packed), but a fused linear kept in the original dtype keeps it. linear="off" turns it off too.
+        weights, before matching (exact). The concatenation is a copy (about +70% of a Llama layer's weight bytes)
+        next to the module's parameters, freed once no compiled graph reads it as is (its linear packed). "auto"
+        (default): a group whose fused linear would read the copy as is (kept in the original dtype, at some size)
+        is left unfused, unless release_weights frees the members; True: always fused; False: never.
+        linear="off" turns it off too.
     fuse_epilogues: let a linear's Triton kernel apply the pointwise ops after it (activation, SwiGLU, residual add,
         dtype cast) before it stores its output (codegen/ generates them); checked by the gate like any rewrite.
         Estimates credit the fusion; calibrate=True times the linears alone.
@@ -75,7 +77,7 @@ class Config:
     cuda_graphs: str = "auto"
     calibrate: bool = False
     strict: bool = False
-    fuse_siblings: bool = False
+    fuse_siblings: bool | str = "auto"
     fuse_epilogues: bool = True
     fuse_norms: bool = True
     release_weights: bool = False
@@ -94,6 +96,8 @@ class Config:
         for field in BOOLEANS:
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Config.{field}={getattr(self, field)!r} is not allowed; use True or False")
+        if not (isinstance(self.fuse_siblings, bool) or self.fuse_siblings == "auto"):
+            raise ValueError(f"Config.fuse_siblings={self.fuse_siblings!r} is not allowed; use 'auto', True or False")
         if self.log is not None and not isinstance(self.log, (str, os.PathLike)):
             raise ValueError(f"Config.log={self.log!r} is not allowed; use a file path or None")
         if self.log is not None:
@@ -119,7 +123,9 @@ class Config:
             raw = environ.get(f"TORCHFX_EFF_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name in BOOLEANS:
+            if f.name == "fuse_siblings" and raw.lower() == "auto":
+                values[f.name] = "auto"
+            elif f.name in (*BOOLEANS, "fuse_siblings"):
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(f"TORCHFX_EFF_{f.name.upper()}={raw!r} is not allowed; use 1/0/true/false")
                 values[f.name] = raw.lower() in ("1", "true", "yes")

@@ -39,8 +39,9 @@ class _Member:
     n: int
 
 
-def fuse(info: GraphInfo, graph_id: int) -> list[SiteRecord]:
-    """Fuse every group of >= 2 linears that read the same input node with compatible weights; one record each."""
+def fuse(info: GraphInfo, graph_id: int, unfused: frozenset = frozenset()) -> list[SiteRecord]:
+    """Fuse every group of >= 2 linears that read the same input node with compatible weights, except the groups
+    named in unfused (copies_read_as_is); one record each."""
     if not info.has_real_inputs:
         return []  # fake parameters cannot be copied
     groups: dict[tuple, list[_Member]] = {}
@@ -48,8 +49,9 @@ def fuse(info: GraphInfo, graph_id: int) -> list[SiteRecord]:
         if (found := _member(info, node)) is not None:
             groups.setdefault(found[0], []).append(found[1])
     replaced: dict[fx.Node, fx.Node] = {}  # a fused member -> its piece, for groups that read a member's output
-    records = [_fuse_group(info.gm, key, members, graph_id, replaced) for key, members in groups.items() if len(members) > 1]
-    if any(records):
+    records = [_fuse_group(info.gm, key, members, graph_id, replaced, unfused) for key, members in groups.items()
+               if len(members) > 1]
+    if any(r is not None and r.status == "rewritten" for r in records):
         info.gm.graph.lint()
         info.gm.recompile()
     return [r for r in records if r is not None]
@@ -81,9 +83,30 @@ def _member(info: GraphInfo, node: fx.Node) -> tuple[tuple, _Member] | None:
     return key, member
 
 
-def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id: int, replaced: dict) -> SiteRecord | None:
+def _copy_name(member_names: list[str]) -> str:
+    """A group's name: its concatenated weight is {name}_weight, its bias {name}_bias."""
+    return FUSED_COPY_PREFIX + hashlib.sha1("\0".join(member_names).encode()).hexdigest()[:16]
+
+
+def copies_read_as_is(gm: fx.GraphModule) -> set[str]:
+    """Names of the groups whose concatenated weight gm reads unpacked (a fused linear kept in the original dtype)."""
+    return {n.target[:-len("_weight")] for n in gm.graph.nodes if n.op == "get_attr" and n.users
+            and n.target.startswith(FUSED_COPY_PREFIX) and n.target.endswith("_weight")}
+
+
+def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id: int, replaced: dict,
+                unfused: frozenset) -> SiteRecord | None:
     target, x, k = key[0], replaced.get(key[1], key[1]), key[2]
     names, x_name, w_name, b_name, layout = SPELLINGS[target]
+    tag = _copy_name([m.weight_name for m in members])
+    if tag in unfused:  # an earlier pass made its concatenation: not cached any more, it goes with that pass's graph
+        for tensors in ([m.weight for m in members], [m.bias for m in members if m.bias is not None]):
+            if tensors:
+                _COPIES.get(tensors[0], {}).pop(tuple(id(t) for t in tensors), None)
+        return SiteRecord(graph_id, "siblings", "kept", f"{target.__name__} x{len(members)}", location(members[0].node),
+                          chosen="original", reason="not fused: the fused linear read its concatenated weight as is "
+                          "(kept in the original dtype, at some size), which would stay resident beside the member "
+                          "parameters (Config.release_weights is off)")
     sizes = [m.n for m in members]
     fused_value = torch.cat([fake(m.node) for m in members], dim=-1)
     pieces = torch.split(fused_value, sizes, dim=-1)
@@ -92,8 +115,6 @@ def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id
         if not _users_accept(m.node, piece, piece, new_meta):
             log.debug("torchfx_eff: not fusing %s: a user of %s needs its contiguous output", target.__name__, m.node)
             return None
-    member_names = [m.weight_name for m in members]
-    tag = FUSED_COPY_PREFIX + hashlib.sha1("\0".join(member_names).encode()).hexdigest()[:16]
     sources = [m.weight for m in members] + [m.bias for m in members if m.bias is not None]
     weight = _concatenation([m.weight for m in members], dim=0 if layout == "nk" else 1)
     bias = _concatenation([m.bias for m in members], dim=0) if members[0].bias is not None else None
