@@ -249,20 +249,18 @@ def test_int8_on_the_fused_site():
     qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
     [group] = [s for s in sites("siblings") if s.op == "linear x3" and "layers_modules_0_" in s.packed[0]]
     # the siblings record names the concatenation that the fused linear site repacked
-    [site] = [s for s in matched("linear") if s.packed and s.packed[0] in group.reason]
+    [site] = [s for s in matched("linear") if s.packed and s.packed[0] == group.copy]
     assert (site.status, site.chosen) == ("rewritten", "int8_weight_only"), site.reason
     assert site.hints["N"] == sum(w.shape[0] for w in qkv) and site.packed[0].startswith("_torchfx_eff_cat_")
     q, scales = quantize_per_channel(torch.cat(qkv))  # independent: quantize the concatenation ourselves
     assert site.weight_bytes == (sum(w.nbytes for w in qkv), q.nbytes + scales.nbytes)
     assert group.weight_bytes == (sum(w.nbytes for w in qkv),) * 2
-    # totals: each linear's parameter once before; after, the fp copies of the fused groups plus int8 weights and
-    # bf16 scales of every linear (the same bytes whether quantized one by one or concatenated)
+    # totals: each linear's parameter once before; after, int8 weights and bf16 scales of every linear (the same
+    # bytes whether quantized one by one or concatenated; the fp copies of the fused groups were repacked)
     assert all(s.status == "rewritten" for s in matched("linear")), [s.reason for s in matched("linear")]
     weights = [m.weight for m in linear_modules(model)]
-    fused = [m.weight for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                                   layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj)]
     int8 = sum(w.numel() + 2 * w.shape[0] for w in weights)
-    assert torchfx_eff.last_report().weight_bytes() == (sum(w.nbytes for w in weights), sum(w.nbytes for w in fused) + int8)
+    assert torchfx_eff.last_report().weight_bytes() == (sum(w.nbytes for w in weights), int8)
 
 
 def test_prefill_and_decode_graphs_share_one_copy():

@@ -217,7 +217,7 @@ def _record(graph_id, op, first, x, members, k, sources, copies, tag) -> SiteRec
               f"N={n} ({'+'.join(str(m.n) for m in members)}), K={k}; the copy adds {copy_bytes / 2**20:.2f} MiB "
               f"while the member parameters stay in the module")
     return SiteRecord(graph_id, "siblings", "rewritten", f"{op} x{len(members)}", location(first), chosen="concat",
-                      reason=reason, dims={"M": str(rows), "N": str(n), "K": str(k)},
+                      reason=reason, copy=f"{tag}_weight", dims={"M": str(rows), "N": str(n), "K": str(k)},
                       hints={"M": int(rows.xreplace(hints_of(fake(x).shape))), "N": n, "K": k},
                       weight_bytes=(member_bytes, copy_bytes), packed=sorted(m.weight_name for m in members) +
                       sorted(m.bias_name for m in members if m.bias_name))

@@ -46,6 +46,7 @@ class SiteRecord:
     # with symbolic rows: regime label -> {"chosen": name, "estimates_us": {candidate: us}}
     regimes: dict[str, dict] = field(default_factory=dict)
     epilogue: str = ""  # the pointwise ops after a linear that its kernel applies, e.g. "swiglu(silu), to float16"
+    copy: str = ""  # a "siblings" record: the name of the concatenated weight it made
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,10 +91,12 @@ class Report:
 
     def weight_bytes(self) -> tuple[int, int]:
         """Weight bytes (before, packed) of the parameters that rewritten sites repacked, each parameter once
-        (graphs share a parameter's packed copy). A site that repacked a fused siblings' concatenation adds its
-        after only: its before is that copy, the after of the "siblings" record. What stays in memory, originals
-        included: resident_bytes()."""
-        pairs = {tuple(s.packed) or id(s): s.weight_bytes for s in self.sites if s.weight_bytes and s.status == "rewritten"}
+        (graphs share a parameter's packed copy). A fused siblings' concatenation that a site repacked is an
+        intermediate: the members' bytes count before (the "siblings" record) and that site's packing after. What
+        stays in memory, originals included: resident_bytes()."""
+        repacked = {n for s in self.sites if s.kind != "siblings" and s.status == "rewritten" for n in s.packed}
+        pairs = {tuple(s.packed) or id(s): (s.weight_bytes[0], 0) if s.copy in repacked else s.weight_bytes
+                 for s in self.sites if s.weight_bytes and s.status == "rewritten"}
         copies = {k for k in pairs if isinstance(k, tuple) and all(str(n).startswith(FUSED_COPY_PREFIX) for n in k)}
         before = sum(p[0] for k, p in pairs.items() if k not in copies)
         return before, sum(p[1] for p in pairs.values())
