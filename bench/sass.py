@@ -21,15 +21,15 @@ from torchfx_eff import codegen
 from torchfx_eff.kernels import weight_only_triton as wt
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-POINTERS = {"X": "*bf16", "W": "*i32", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
+POINTERS = {"X": "*bf16", "S": "*bf16", "Z": "*bf16", "B": "*bf16", "Out": "*bf16", "E": "*bf16",
             "G": "*bf16"}
 DIVISIBLE = ("N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_om", "stride_em")  # by 16 at the bench shapes
 INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
 
 
-def sass(kernel, constants: dict, warps: int) -> str:
+def sass(kernel, constants: dict, warps: int, weight: str) -> str:
     names = kernel.arg_names
-    types = {n: POINTERS.get(n, "fp32" if n in ("inv_k", "eps") else "i32") for n in names}
+    types = {n: {**POINTERS, "W": weight}.get(n, "fp32" if n in ("inv_k", "eps") else "i32") for n in names}
     signature = {n: "constexpr" if n in constants else types[n] for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in constants and (types[n].startswith("*") or n in DIVISIBLE)}
@@ -72,7 +72,7 @@ def gemv_rows(bits: int, norm: bool, configs=None) -> list[dict]:
         constants = {"M": 1, "stride_xk": 1, "PART": part, "HAS_BIAS": False, "NORM": norm, "PDL": True,
                      "EPILOGUE": codegen.epilogue(""), "BLOCK_N": block_n, "STEP_BYTES": step_bytes,
                      **({"ASM": True} if bits == 4 else {"BITS": 8})}
-        mix = loop_mix(sass(kernel, constants, config.num_warps))
+        mix = loop_mix(sass(kernel, constants, config.num_warps, "*i32" if bits == 4 else "*i8"))
         weights = block_n * step_bytes * (8 // bits) / (32 * config.num_warps)  # a thread's weights a loop pass
         rows.append({"bits": bits, "norm": norm, "config": (block_n, step_bytes, config.num_warps),
                      "instructions_per_weight": sum(mix.values()) / weights, "weights_per_pass": weights,
