@@ -103,6 +103,29 @@ def test_auto_fuses_a_group_whose_fused_linear_packs_and_frees_its_copy():
     torch.testing.assert_close(outs[0], outs[1])
 
 
+def test_auto_fuses_in_a_graph_with_symbolic_rows_whose_prefill_keeps_the_original():
+    """A dynamic-length compile (as generate's second call gets): each fused linear dispatches on rows, int8 for
+    decode and the original above. The original branch runs the member linears on their own parameters, so no
+    graph reads a concatenated copy as is: the groups stay fused, the copies are released once packed, and a prefill
+    equals eager's bit for bit."""
+    model = make_model("llama", BIG, torch.bfloat16)
+    backend = torchfx_eff.backend(Config(inner="eager", linear=("int8_weight_only",), output_linear_8bit=False))
+    cm = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        decode_ids, prefill_ids = torch.randint(0, 128, (1, 2)), torch.randint(0, 128, (1, 300))
+        decode, prefill = cm(decode_ids).logits, cm(prefill_ids).logits
+        assert torch.equal(prefill, model(prefill_ids).logits)
+        assert sqnr_ref(model(decode_ids).logits, decode) >= 25.0
+    fused = sites("siblings")
+    assert len(fused) == len(DECODER_GROUPS["llama"]) * BIG["layers"]
+    assert all(s.status == "rewritten" and sympy.sympify(s.dims["M"]).free_symbols for s in fused)
+    dispatched = [s for s in sites("linear", "rewritten") if s.regimes]
+    assert len(dispatched) >= len(fused)  # the fused sites among them
+    assert all([r["chosen"] for r in s.regimes.values()] == ["int8_weight_only", "original"] for s in dispatched)
+    copies = [s for s in sites("weight") if s.op.startswith(FUSED_COPY_PREFIX)]
+    assert len(copies) == len(fused) and all(s.status == "released" for s in copies)
+
+
 def test_auto_leaves_a_group_unfused_where_its_fused_linear_keeps_the_original():
     """On the small fp32 model the original wins every linear: under "auto" the fused linears would read their
     concatenated copies as is, beside the members, so each group stays unfused and its record says why."""

@@ -12,7 +12,7 @@ import torch.fx as fx
 from . import cost, gate, kernels, memory, passes, report
 from .config import Config
 from .report import SiteRecord
-from .passes.siblings import copies_read_as_is
+from .passes.siblings import copies_read_as_is, separately
 from .rewrite import Rewriter, rows_dispatch
 
 log = logging.getLogger("torchfx_eff")
@@ -315,8 +315,11 @@ class Backend:
                        epilogue=str(site.epilogue) if fused else "")
 
     def _dispatch(self, site, impls, reps, cands):
-        """(replacement, chosen at the example's size, reason) for a site whose regimes chose differently."""
-        original = kernels.Replacement(site.node.target, site.node.args, site.node.kwargs)
+        """(replacement, chosen at the example's size, reason) for a site whose regimes chose differently. A fused
+        site's original branch runs its member linears (siblings.separately)."""
+        members = separately(site.node.graph.owning_module, site.weight_name, site.x)
+        original = (kernels.Replacement(*members) if members else
+                    kernels.Replacement(site.node.target, site.node.args, site.node.kwargs))
         small, large = (rep or original for rep in reps)
         after = sum(rep.weight_bytes[1] for rep in reps if rep is not None and rep.weight_bytes)  # packed only
         rep = rows_dispatch(site.x, cost.SPLIT_ROWS, small, large, weight_bytes=(site.weight.nbytes, after))

@@ -45,9 +45,10 @@ class Config:
     strict: raise instead of falling back when a stage fails or a rewrite fails its check.
     fuse_siblings: fuse linears that read the same input (Q/K/V, gate/up) into one over their concatenated
         weights, before matching (exact). The concatenation is a copy (about +70% of a Llama layer's weight bytes)
-        next to the module's parameters, freed once no compiled graph reads it as is (its linear packed). "auto"
-        (default): a group whose fused linear would read the copy as is (kept in the original dtype, at some size)
-        is left unfused, unless release_weights frees the members; True: always fused; False: never.
+        next to the module's parameters, freed once no compiled graph reads it as is (its linear packed; a branch
+        that keeps the original at some row counts runs the member linears). "auto" (default): a group whose fused
+        linear would read the copy as is (kept in the original dtype at every size) is left unfused, unless
+        release_weights frees the members; True: always fused; False: never.
         linear="off" turns it off too.
     fuse_epilogues: let a linear's Triton kernel apply the pointwise ops after it (activation, SwiGLU, residual add,
         dtype cast) before it stores its output (codegen/ generates them); checked by the gate like any rewrite.

@@ -3,10 +3,13 @@ concatenated weights, followed by a split. The math is unchanged; the linear mat
 
 The concatenation is a copy (the member parameters stay in the user's module): the graph records which
 parameters it copied, at which versions (work.meta[SOURCES]), so that an in-place update after compile is caught
-by the backend's stale-weight guard like any packed weight.
+by the backend's stale-weight guard like any packed weight. It also records each fused weight's members
+(work.meta[MEMBERS]): a site that keeps the original at some row counts computes that branch from them
+(separately), so that the copy is read only to be packed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import operator
@@ -23,6 +26,7 @@ from .linear import SPELLINGS
 
 log = logging.getLogger("torchfx_eff")
 SOURCES = "torchfx_eff_sources"  # GraphModule.meta key: [(parameter, version)] the graph holds copies of
+MEMBERS = "torchfx_eff_members"  # GraphModule.meta key: {a fused weight's name: (op, member weights, member biases)}
 
 # first member -> {ids of all members: (weak references to them, their versions, their concatenation)}
 _COPIES = WeakIdKeyDictionary()
@@ -120,10 +124,9 @@ def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id
     bias = _concatenation([m.bias for m in members], dim=0) if members[0].bias is not None else None
     first = members[0].node
     with gm.graph.inserting_before(first):
-        values = {x_name: x, w_name: _attr(gm, f"{tag}_weight", weight)}
-        if b_name:
-            values[b_name] = _attr(gm, f"{tag}_bias", bias) if bias is not None else None
-        fused = gm.graph.call_function(target, tuple(values[n] for n in names))
+        w_attr = _attr(gm, f"{tag}_weight", weight)
+        b_attr = _attr(gm, f"{tag}_bias", bias) if bias is not None else None
+        fused = gm.graph.call_function(target, _linear_args(target, x, w_attr, b_attr))
         split = gm.graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         outs = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
     fused.meta = {**_without_values(first.meta), "example_value": fused_value}
@@ -136,8 +139,31 @@ def _fuse_group(gm: fx.GraphModule, key: tuple, members: list[_Member], graph_id
     for node, value in new_meta.items():  # views of the pieces keep the fused output's strides
         node.meta = {**_without_values(node.meta), "example_value": value}
     gm.meta.setdefault(SOURCES, []).extend((t, t._version) for t in sources)
+    gm.meta.setdefault(MEMBERS, {})[f"{tag}_weight"] = (target, [m.weight for m in members], [m.bias for m in members])
     copies = [weight] + ([bias] if bias is not None else [])
     return _record(graph_id, target.__name__, first, x, members, k, sources, copies, tag)
+
+
+def _linear_args(target, x, weight, bias) -> tuple:
+    """target's positional arguments for a linear of x by weight (+ bias)."""
+    names, x_name, w_name, b_name, _ = SPELLINGS[target]
+    values = {x_name: x, w_name: weight, **({b_name: bias} if b_name else {})}
+    return tuple(values[n] for n in names)
+
+
+def _separate_linears(target, x, weights, biases):
+    """A fused linear's output computed as its members compute theirs, each from its own parameters."""
+    return torch.cat([target(*_linear_args(target, x, w, b)) for w, b in zip(weights, biases)], dim=-1)
+
+
+def separately(gm: fx.GraphModule, weight_name: str, x: fx.Node) -> tuple | None:
+    """(function, args) computing the fused linear whose weight gm holds as weight_name from its members'
+    parameters, or None if weight_name is no fused weight. The original branch of a fused site that dispatches on
+    rows runs this, so that no graph reads the concatenated copy as is and it goes once packed."""
+    if (found := gm.meta.get(MEMBERS, {}).get(weight_name)) is None:
+        return None
+    target, weights, biases = found
+    return functools.partial(_separate_linears, target), (x, weights, biases)
 
 
 def _users_accept(node: fx.Node, value, base: torch.Tensor, new_meta: dict) -> bool:
