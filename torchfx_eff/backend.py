@@ -93,7 +93,7 @@ class Backend:
                 compiled = _compile_fx(rewritten, example_inputs, self.config, records, graph_id)
             except torch._dynamo.exc.RestartAnalysis:
                 raise
-            except Exception as e:  # Inductor cannot lower some torch.cond graphs: rewrite again without them
+            except Exception as e:  # should Inductor fail to lower a dispatch: rewrite again without them
                 if self.config.strict:
                     raise
                 rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id, dispatch=False)

@@ -67,14 +67,24 @@ def _branch(rep: Replacement):
 
 
 def rows_dispatch(x: fx.Node, split: int, small: Replacement, large: Replacement, weight_bytes=None) -> Replacement:
-    """One call that computes `small` when x has at most `split` rows and `large` otherwise. It is a torch.cond,
-    so a graph with symbolic rows keeps both branches and picks one at run time."""
+    """One call that computes `small` when x has at most `split` rows and `large` otherwise: the cond operator
+    itself (torch.ops.higher_order.cond; torch.cond would trace its branches again with Dynamo, whose lifted int
+    arguments Inductor 2.13's FakeTensorUpdater rejects), so a graph with symbolic rows keeps both branches and
+    picks one at run time. Its operands are distinct, as the operator requires: each branch indexes into them."""
     (small_fn, small_ops), (large_fn, large_ops) = _branch(small), _branch(large)
-    n = len(small_ops)
+    operands: list = []
 
-    def by_rows(x, *operands):
-        rows = x.numel() // x.shape[-1]
-        return torch.cond(rows <= split, lambda *o: small_fn(*o[:n]), lambda *o: large_fn(*o[n:]), tuple(operands))
+    def positions(ops) -> list[int]:
+        for op in ops:
+            if not any(op is o for o in operands):
+                operands.append(op)
+        return [next(i for i, o in enumerate(operands) if o is op) for op in ops]
 
-    return Replacement(by_rows, (x, *small_ops, *large_ops), weight_bytes=weight_bytes,
-                       sources={**small.sources, **large.sources})
+    (at_x,), at_small, at_large = positions([x]), positions(small_ops), positions(large_ops)
+
+    def by_rows(*values):
+        rows = values[at_x].numel() // values[at_x].shape[-1]
+        return torch.ops.higher_order.cond(rows <= split, lambda *v: (small_fn(*(v[i] for i in at_small)),),
+                                           lambda *v: (large_fn(*(v[i] for i in at_large)),), values)[0]
+
+    return Replacement(by_rows, tuple(operands), weight_bytes=weight_bytes, sources={**small.sources, **large.sources})
