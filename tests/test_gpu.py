@@ -671,3 +671,30 @@ def test_release_weights_frees_device_memory(name, monkeypatch):
     assert torch.cuda.memory_allocated() - after >= freed
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, eager)
+
+
+def test_dispatch_on_rows_under_inductor_on_cuda_matches_the_eager_dispatch():
+    """Symbolic rows on CUDA: the int8 GEMV for decode and the bf16 GEMM for prefill in one Inductor-compiled cond;
+    each side equals the eager-compiled dispatch to bf16 rounding and keeps int8's SQNR against the model."""
+    from helpers import LinearStack
+
+    torch.manual_seed(0)
+    model = LinearStack(1024, 2048).to("cuda", torch.bfloat16)
+    outs = {}
+    for inner in ("inductor", "eager"):
+        torch._dynamo.reset()
+        cm = compiled(model, linear=("int8_weight_only",), inner=inner)
+        with torch.no_grad():
+            for rows in (1, 2):  # the second length makes Dynamo recompile with symbolic rows
+                cm(torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16))
+        last = max(s.graph_id for s in sites("linear"))
+        dynamic = [s for s in sites("linear") if s.graph_id == last]
+        assert dynamic and all(s.status == "rewritten" and "dispatch on rows" in s.reason for s in dynamic), \
+            [(s.status, s.reason) for s in dynamic]
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outs[inner] = [(model(x), cm(x)) for x in (torch.randn(r, 1024, device="cuda", dtype=torch.bfloat16)
+                                                       for r in (5, 40))]
+    for (ref, out), (_, eager) in zip(outs["inductor"], outs["eager"]):
+        torch.testing.assert_close(out, eager, rtol=2 ** -7, atol=1e-2)
+        assert sqnr_ref(ref.float().cpu(), out.float().cpu()) > STACK_SQNR_DB["int8_weight_only"]
