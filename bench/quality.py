@@ -24,6 +24,13 @@ calibration windows) the proxy is monotone: +5.00, +4.81, +4.62, +4.05% at 8, 16
 --dither measures native-like weights instead: SmolLM2's linears come from a Q4_1 gguf, whose 4-bit grid on blocks
 of 32 along K int4 g32 lands on almost exactly (dither_off_grid); the eager row is then the dithered model.
 
+ternary, sparse24 and ternary_sparse24 have Triton kernels only (the interpreter takes a second a decode-step linear
+here), so on CPU their arithmetic is emulated in ATen from the packed weights (emulate()), exactly but for summation
+order: int8 x ternary sums are exact in fp32 (K * 127 < 2^24), then scaled as the kernel's store does. The gate is
+emulated too: a linear is swapped only where its output on its calibration rows keeps the mode's SQNR budget
+(the backend gates on the compile's example inputs), and the output linear keeps bf16 under output_linear_8bit as
+the backend's does for sub-8-bit weights. These rows say "emulated" and count linear modules, not graph sites.
+
 Decoding 2048 tokens a mode takes minutes; on a loaded 2-core machine run it with OMP_NUM_THREADS=1 (two
 threads that wait on each other's descheduled core ran 5x slower here).
 """
@@ -37,12 +44,18 @@ import torch
 import torchfx_eff
 from torchfx_eff.calibration import ACTIVATION_STATS
 from torchfx_eff.config import ACCURACY, Config
+from torchfx_eff.gate import min_sqnr_db, sqnr_db
 from torchfx_eff.kernels import implementations
+from torchfx_eff.kernels.registry import OUTPUT_LINEAR_BITS
+from torchfx_eff.kernels.packed_linear import unpack2
+from torchfx_eff.kernels.sparse24 import compress_24, decompress_24, keep_24, ternary_sparse24_pack
+from torchfx_eff.kernels.ternary import pack_ternary, quantize_rows, ternary_quantize
 from torchfx_eff.text import perplexity, prose, window_nll
 
 WINDOW, WINDOWS = 512, 4  # 2048 tokens of the fixture, in windows of 512 that each start from an empty cache
 # Most a mode may raise perplexity over eager bf16, in percent (issue 4); modes without one are reported only.
 TARGET_PCT = {"int8_weight_only": 0.5, "w8a8_smooth": 2.0, "int4_weight_only": 5.0}
+EMULATED = ("ternary", "sparse24", "ternary_sparse24")  # Triton only: on CPU, emulate() stands in for their kernels
 
 
 def mode_config(mode: str, accuracy: str | None = None) -> Config:
@@ -100,6 +113,81 @@ def measure(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
     if mode in TARGET_PCT:
         row.update(target_ratio=1 + TARGET_PCT[mode] / 100, target_met=row["delta_pct"] <= TARGET_PCT[mode])
     return row
+
+
+def emulated_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x -> what mode's kernel computes for F.linear(x, weight, bias), the packed bytes): ATen arithmetic on the
+    weights decoded from the mode's own packing (see the module docstring)."""
+    K, b = weight.shape[1], None if bias is None else bias.float()
+    if mode == "sparse24":
+        packed = compress_24(weight, keep_24(weight))
+        dense = decompress_24(*packed, K).float()  # the kept values as stored, fp32 sums
+
+        def forward(x):
+            return torch.nn.functional.linear(x.float(), dense, b).to(x.dtype)
+    else:
+        if mode == "ternary":
+            codes, scale = ternary_quantize(weight)
+            packed = (pack_ternary(codes), scale)
+            dense = unpack2(packed[0])[:, :K].float() - 1
+        else:  # ternary_sparse24
+            packed = ternary_sparse24_pack(weight)
+            dense = decompress_24(unpack2(packed[0]).to(torch.int8) - 1, packed[1], K).float()
+        scale = packed[-1]
+
+        def forward(x):  # int8 x ternary sums, exact in fp32, then the store's row x channel scale and bias
+            xq, xs = quantize_rows(x.reshape(-1, K))
+            out = (xq.float() @ dense.T) * xs[:, None] * scale[None, :]
+            return (out if b is None else out + b).to(x.dtype).reshape(*x.shape[:-1], -1)
+    return forward, sum(t.nbytes for t in packed)
+
+
+def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | None = None,
+            window: int = WINDOW, gate: bool = True) -> dict:
+    """The row of a Triton-only mode on CPU: each linear module swapped for its emulation where it keeps the
+    mode's budget on its calibration rows (ACTIVATION_STATS' sample), perplexity of the result. gate=False swaps
+    every linear but the head (what the mode does to the model where nothing refuses it)."""
+    impl = next(i for i in implementations("linear") if i.name == mode)
+    accuracy = mode_config(mode, accuracy).accuracy
+    head = model.get_output_embeddings()
+    name = mode if gate else f"{mode} (every linear, no gate)"
+    row = {"name": f"perplexity, {name}", "value": None, "accuracy": accuracy if gate else None}
+    swapped, dbs, before, after, not_rewritten = {}, {}, 0, 0, Counter()  # dbs: module -> output SQNR
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if m is head and (impl.weight_bits or OUTPUT_LINEAR_BITS) < OUTPUT_LINEAR_BITS:
+            not_rewritten["the output linear keeps >= 8-bit weights (Config.output_linear_8bit)"] += 1
+            continue
+        rows = ACTIVATION_STATS.sample(m.weight)
+        if rows is None:
+            not_rewritten["no calibration rows to gate it on"] += 1
+            continue
+        forward, packed = emulated_linear(mode, m.weight.detach(), m.bias)
+        db = sqnr_db(torch.nn.functional.linear(rows, m.weight, m.bias), forward(rows))
+        dbs[m] = db
+        if gate and db < min_sqnr_db(accuracy, m.weight.dtype):
+            not_rewritten[f"SQNR below the {accuracy!r} budget of {min_sqnr_db(accuracy, m.weight.dtype):.0f} dB"] += 1
+            continue
+        swapped[m], before, after = forward, before + m.weight.nbytes, after + packed
+    spread = sorted(dbs.values())
+    row.update(sites={"rewritten": len(swapped), "kept": sum(not_rewritten.values())},
+               not_rewritten=dict(not_rewritten), weight_bytes=[before, after],
+               min_site_sqnr_db=min((dbs[m] for m in swapped), default=None), graph_fallbacks=[],
+               site_sqnr_db_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]] if spread else None,
+               note="emulated in ATen on CPU (no CPU kernel); sites are linear modules, "
+                    + ("gated on their calibration rows" if gate else "none refused"))
+    if not swapped:
+        return row
+    start = time.perf_counter()
+    for m, forward in swapped.items():
+        m.forward = forward  # an instance attribute: deleted below, the class's forward returns
+    try:
+        ppl, _ = perplexity(model, model.config, ids, window)
+    finally:
+        for m in swapped:
+            del m.forward
+    return {**row, **_row(name, ppl, base, seconds=time.perf_counter() - start)}
 
 
 def _print(rows: list[dict]) -> None:
@@ -170,7 +258,9 @@ def cpu_quality(args) -> list[dict]:
     for mode in args.modes.split(",") if args.modes else modes:
         if mode not in modes:
             raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
-        rows.append(measure(model, ids, mode, base, args.accuracy))
+        rows.append((emulate if mode in EMULATED else measure)(model, ids, mode, base, args.accuracy))
+        if mode in EMULATED:
+            rows.append(emulate(model, ids, mode, base, args.accuracy, gate=False))
         print(f"{mode}: {rows[-1]['value']}", flush=True)
     _print(rows)
     return rows

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import SMALL, VOCAB, make_model
 
 from torchfx_eff.text import perplexity, prose
@@ -79,3 +80,61 @@ def test_bench_calibration_windows_follow_the_measured_ones(calibrate):
 def test_bench_refuses_more_calibration_than_the_text_holds(length, calibrate):
     with pytest.raises(ValueError, match="--calibrate"):
         _bench_quality().split(torch.arange(length), calibrate, window=10, windows=4)
+
+
+@pytest.mark.parametrize("mode", ["ternary", "sparse24", "ternary_sparse24"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bench_emulation_of_triton_only_modes_equals_their_kernels(mode, dtype):
+    """The quality bench measures ternary and 2:4 on CPU through an ATen emulation: it must compute what the
+    Triton kernel (interpreted here) computes, from the same packing. K = 42 pads the packed rows."""
+    from torchfx_eff.kernels import sparse24, ternary
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 42).to(dtype), torch.randn(48).to(dtype)
+    x = torch.randn(5, 42).to(dtype)
+    forward, nbytes = _bench_quality().emulated_linear(mode, weight, bias)
+    if mode == "sparse24":
+        packed = sparse24.compress_24(weight, sparse24.keep_24(weight))
+        kernel = sparse24.sparse24_linear(x, *packed, None, bias)
+    elif mode == "ternary":
+        codes, scale = ternary.ternary_quantize(weight)
+        packed = (ternary.pack_ternary(codes), scale)
+        kernel = ternary.int8_ternary_linear(x, packed[0], None, scale, bias)
+    else:
+        packed = sparse24.ternary_sparse24_pack(weight)
+        kernel = ternary.int8_ternary_linear(x, *packed, bias)
+    assert nbytes == sum(t.nbytes for t in packed)
+    torch.testing.assert_close(forward(x), kernel, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+    assert (forward(x) - F.linear(x, weight, bias)).abs().max() > 0.1  # lossy: not the original linear
+
+
+def test_bench_emulation_gates_each_linear_and_restores_the_model():
+    """emulate() swaps only linears that keep the budget on their calibration rows: a ternary layer (weights
+    +-0.02, as a BitNet checkpoint stores them) passes 'balanced', random ones (~6 dB) do not, and the head keeps
+    bf16. It measures, then leaves the model as it was."""
+    import torchfx_eff
+    from torchfx_eff.calibration import ACTIVATION_STATS
+
+    torch.manual_seed(0)
+    model = make_model("llama", SMALL).eval()
+    ternary_layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        ternary_layer.weight.copy_(torch.randn_like(ternary_layer.weight).sign() * 0.02)
+    ids = torch.randint(0, VOCAB, (48,))
+    ACTIVATION_STATS.clear()
+    torchfx_eff.calibrate_activations(model, [ids[None, :24]], progress=False)
+    quality = _bench_quality()
+    base, _ = perplexity(model, model.config, ids, 24)
+    row = quality.emulate(model, ids, "ternary", base, "balanced", window=24)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert row["sites"] == {"rewritten": 1, "kept": linears - 1}, row
+    assert row["not_rewritten"] == {"the output linear keeps >= 8-bit weights (Config.output_linear_8bit)": 1,
+                                    "SQNR below the 'balanced' budget of 20 dB": linears - 2}
+    assert row["min_site_sqnr_db"] > 30  # int8 activations' rounding alone
+    assert row["weight_bytes"][1] < row["weight_bytes"][0] / 6
+    assert row["value"] != base and row["value"] == pytest.approx(base, rel=0.01)
+    ungated = quality.emulate(model, ids, "ternary", base, "balanced", window=24, gate=False)
+    assert ungated["sites"] == {"rewritten": linears - 1, "kept": 1} and ungated["value"] not in (None, base)
+    assert ungated["site_sqnr_db_min_median_max"] == row["site_sqnr_db_min_median_max"]  # the same measurements
+    ACTIVATION_STATS.clear()
+    assert perplexity(model, model.config, ids, 24)[0] == base  # every forward restored
