@@ -150,7 +150,7 @@ def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
     impl = next(i for i in implementations("linear") if i.name == mode)
     accuracy = mode_config(mode, accuracy).accuracy
     head = model.get_output_embeddings()
-    name = mode if gate else f"{mode} (every linear, no gate)"
+    name = mode if gate else f"{mode}, ungated"
     row = {"name": f"perplexity, {name}", "value": None, "accuracy": accuracy if gate else None}
     swapped, dbs, before, after, not_rewritten = {}, {}, 0, 0, Counter()  # dbs: module -> output SQNR
     for m in model.modules():
@@ -191,7 +191,7 @@ def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"\n{'mode':<22} {'ppl':>8} {'vs bf16':>8} {'target':>7} {'met':>4} {'rewritten/linears':>17} "
+    print(f"\n{'mode':<26} {'ppl':>8} {'vs bf16':>8} {'target':>7} {'met':>4} {'rewritten/linears':>17} "
           f"{'weights MiB':>15} {'min dB':>6}  why not rewritten")
     for r in rows:
         sites = r.get("sites", {})
@@ -199,11 +199,12 @@ def _print(rows: list[dict]) -> None:
         weights = f"{before / 2**20:.0f} -> {after / 2**20:.0f}" if before else "-"
         target = f"+{100 * (r['target_ratio'] - 1):.1f}%" if "target_ratio" in r else "-"
         met = {True: "yes", False: "NO"}.get(r.get("target_met"), "-")
-        ppl = ("error" if "error" in r else "-") if r["value"] is None else f"{r['value']:.3f}"
-        delta = f"{r['delta_pct']:+.2f}%" if "delta_pct" in r else "-"
+        value = r["value"]
+        ppl = ("error" if "error" in r else "-") if value is None else f"{value:.{'3f' if value < 1e4 else '3g'}}"
+        delta = "-" if "delta_pct" not in r else f"{r['delta_pct']:+.2f}%" if r["ratio"] < 100 else f"x{r['ratio']:.3g}"
         db = "-" if r.get("min_site_sqnr_db") is None else f"{r['min_site_sqnr_db']:.1f}"
         why = r.get("error") or "; ".join(f"{n}x {k}" for k, n in r.get("not_rewritten", {}).items())
-        print(f"{r['name'].removeprefix('perplexity, '):<22} {ppl:>8} {delta:>8} {target:>7} {met:>4} "
+        print(f"{r['name'].removeprefix('perplexity, '):<26} {ppl:>8} {delta:>8} {target:>7} {met:>4} "
               f"{sites.get('rewritten', 0):>8}/{sum(sites.values()) if sites else '-':<8} {weights:>15} {db:>6}  "
               f"{why[:200]}")
 
@@ -258,9 +259,11 @@ def cpu_quality(args) -> list[dict]:
     for mode in args.modes.split(",") if args.modes else modes:
         if mode not in modes:
             raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
-        rows.append((emulate if mode in EMULATED else measure)(model, ids, mode, base, args.accuracy))
+        new = [(emulate if mode in EMULATED else measure)(model, ids, mode, base, args.accuracy)]
         if mode in EMULATED:
-            rows.append(emulate(model, ids, mode, base, args.accuracy, gate=False))
-        print(f"{mode}: {rows[-1]['value']}", flush=True)
+            new.append(emulate(model, ids, mode, base, args.accuracy, gate=False))
+        for row in new:
+            print(f"{row['name'].removeprefix('perplexity, ')}: {row['value']}", flush=True)
+        rows += new
     _print(rows)
     return rows
