@@ -25,8 +25,9 @@ calibration windows) the proxy is monotone: +5.00, +4.81, +4.62, +4.05% at 8, 16
 of 32 along K int4 g32 lands on almost exactly (dither_off_grid); the eager row is then the dithered model.
 
 ternary, sparse24 and ternary_sparse24 have Triton kernels only (the interpreter takes a second a decode-step linear
-here), so on CPU their arithmetic is emulated in ATen from the packed weights (emulate()), exactly but for summation
-order: int8 x ternary sums are exact in fp32 (K * 127 < 2^24), then scaled as the kernel's store does. The gate is
+here), and fp8 needs an sm89+ GPU (torch._scaled_mm's CPU kernel took 15 ms), so on CPU their arithmetic is
+emulated in ATen from the packed weights (emulate()), equal to the kernels' but for the order of fp32 sums: the
+products of int8 and ternary, of e4m3 and e4m3, are exact in fp32, then scaled as the kernels' stores do. The gate is
 emulated too: a linear is swapped only where its output on its calibration rows keeps the mode's SQNR budget
 (the backend gates on the compile's example inputs), and the output linear keeps bf16 under output_linear_8bit as
 the backend's does for sub-8-bit weights. These rows say "emulated" and count linear modules, not graph sites.
@@ -47,15 +48,17 @@ from torchfx_eff.config import ACCURACY, Config
 from torchfx_eff.gate import min_sqnr_db, sqnr_db
 from torchfx_eff.kernels import implementations
 from torchfx_eff.kernels.registry import OUTPUT_LINEAR_BITS
+from torchfx_eff.kernels.fp8 import E4M3
 from torchfx_eff.kernels.packed_linear import unpack2
+from torchfx_eff.kernels.quant_gemm import quantize_rows
 from torchfx_eff.kernels.sparse24 import compress_24, decompress_24, keep_24, ternary_sparse24_pack
-from torchfx_eff.kernels.ternary import pack_ternary, quantize_rows, ternary_quantize
+from torchfx_eff.kernels.ternary import pack_ternary, ternary_quantize
 from torchfx_eff.text import perplexity, prose, window_nll
 
 WINDOW, WINDOWS = 512, 4  # 2048 tokens of the fixture, in windows of 512 that each start from an empty cache
 # Most a mode may raise perplexity over eager bf16, in percent (issue 4); modes without one are reported only.
 TARGET_PCT = {"int8_weight_only": 0.5, "w8a8_smooth": 2.0, "int4_weight_only": 5.0}
-EMULATED = ("ternary", "sparse24", "ternary_sparse24")  # Triton only: on CPU, emulate() stands in for their kernels
+EMULATED = ("ternary", "sparse24", "ternary_sparse24", "fp8", "fp8_scaled_mm")  # on CPU emulate() stands in for them
 
 
 def mode_config(mode: str, accuracy: str | None = None) -> Config:
@@ -122,10 +125,12 @@ def emulated_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None):
     if mode == "sparse24":
         packed = compress_24(weight, keep_24(weight))
         dense = decompress_24(*packed, K).float()  # the kept values as stored, fp32 sums
-
-        def forward(x):
-            return torch.nn.functional.linear(x.float(), dense, b).to(x.dtype)
+        return (lambda x: torch.nn.functional.linear(x.float(), dense, b).to(x.dtype)), sum(t.nbytes for t in packed)
+    if mode in ("fp8", "fp8_scaled_mm"):
+        packed, x_dtype = quantize_rows(weight, E4M3), E4M3
+        dense = packed[0].float()
     else:
+        x_dtype = torch.int8
         if mode == "ternary":
             codes, scale = ternary_quantize(weight)
             packed = (pack_ternary(codes), scale)
@@ -133,12 +138,13 @@ def emulated_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None):
         else:  # ternary_sparse24
             packed = ternary_sparse24_pack(weight)
             dense = decompress_24(unpack2(packed[0]).to(torch.int8) - 1, packed[1], K).float()
-        scale = packed[-1]
+    scale = packed[-1]
 
-        def forward(x):  # int8 x ternary sums, exact in fp32, then the store's row x channel scale and bias
-            xq, xs = quantize_rows(x.reshape(-1, K))
-            out = (xq.float() @ dense.T) * xs[:, None] * scale[None, :]
-            return (out if b is None else out + b).to(x.dtype).reshape(*x.shape[:-1], -1)
+    def forward(x):  # products of the quantized operands, summed in fp32, then the store's row x channel scale
+        xq, xs = quantize_rows(x.reshape(-1, K), x_dtype)
+        out = (xq.float() @ dense.T) * xs[:, None] * scale[None, :]
+        return (out if b is None else out + b).to(x.dtype).reshape(*x.shape[:-1], -1)
+
     return forward, sum(t.nbytes for t in packed)
 
 
@@ -146,7 +152,8 @@ def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
             window: int = WINDOW, gate: bool = True) -> dict:
     """The row of a Triton-only mode on CPU: each linear module swapped for its emulation where it keeps the
     mode's budget on its calibration rows (ACTIVATION_STATS' sample), perplexity of the result. gate=False swaps
-    every linear but the head (what the mode does to the model where nothing refuses it)."""
+    every linear but the head (what the mode does to the model where nothing refuses it; cpu_quality adds that row
+    where the gate refused some)."""
     impl = next(i for i in implementations("linear") if i.name == mode)
     accuracy = mode_config(mode, accuracy).accuracy
     head = model.get_output_embeddings()
@@ -260,8 +267,8 @@ def cpu_quality(args) -> list[dict]:
         if mode not in modes:
             raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
         new = [(emulate if mode in EMULATED else measure)(model, ids, mode, base, args.accuracy)]
-        if mode in EMULATED:
-            new.append(emulate(model, ids, mode, base, args.accuracy, gate=False))
+        if mode in EMULATED and any(why.startswith("SQNR below") for why in new[0]["not_rewritten"]):
+            new.append(emulate(model, ids, mode, base, args.accuracy, gate=False))  # what the gate spared the model
         for row in new:
             print(f"{row['name'].removeprefix('perplexity, ')}: {row['value']}", flush=True)
         rows += new

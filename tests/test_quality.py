@@ -82,18 +82,21 @@ def test_bench_refuses_more_calibration_than_the_text_holds(length, calibrate):
         _bench_quality().split(torch.arange(length), calibrate, window=10, windows=4)
 
 
-@pytest.mark.parametrize("mode", ["ternary", "sparse24", "ternary_sparse24"])
+@pytest.mark.parametrize("mode", ["ternary", "sparse24", "ternary_sparse24", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_bench_emulation_of_triton_only_modes_equals_their_kernels(mode, dtype):
-    """The quality bench measures ternary and 2:4 on CPU through an ATen emulation: it must compute what the
+def test_bench_emulation_of_gpu_only_modes_equals_their_kernels(mode, dtype):
+    """The quality bench measures ternary, 2:4 and fp8 on CPU through an ATen emulation: it must compute what the
     Triton kernel (interpreted here) computes, from the same packing. K = 42 pads the packed rows."""
-    from torchfx_eff.kernels import sparse24, ternary
+    from torchfx_eff.kernels import fp8, quant_gemm, sparse24, ternary
 
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 42).to(dtype), torch.randn(48).to(dtype)
     x = torch.randn(5, 42).to(dtype)
     forward, nbytes = _bench_quality().emulated_linear(mode, weight, bias)
-    if mode == "sparse24":
+    if mode == "fp8":
+        packed = quant_gemm.quantize_rows(weight, fp8.E4M3)
+        kernel = fp8.fp8_linear(x, *packed, bias)
+    elif mode == "sparse24":
         packed = sparse24.compress_24(weight, sparse24.keep_24(weight))
         kernel = sparse24.sparse24_linear(x, *packed, None, bias)
     elif mode == "ternary":
