@@ -37,6 +37,8 @@ threads that wait on each other's descheduled core ran 5x slower here).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections import Counter
 
@@ -45,10 +47,12 @@ import torch
 import torchfx_eff
 from torchfx_eff.calibration import ACTIVATION_STATS
 from torchfx_eff.config import ACCURACY, Config
-from torchfx_eff.gate import min_sqnr_db, sqnr_db
+from torchfx_eff.gate import fewest_reverted, graph_budget_db, min_sqnr_db, sqnr_db
 from torchfx_eff.kernels import implementations
 from torchfx_eff.kernels.registry import OUTPUT_LINEAR_BITS
 from torchfx_eff.kernels.fp8 import E4M3
+from torchfx_eff.kernels.int4_weight_only import quantize_int4
+from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 from torchfx_eff.kernels.packed_linear import unpack2
 from torchfx_eff.kernels.quant_gemm import quantize_rows
 from torchfx_eff.kernels.sparse24 import compress_24, decompress_24, keep_24, ternary_sparse24_pack
@@ -58,6 +62,7 @@ from torchfx_eff.text import perplexity, prose, window_nll
 WINDOW, WINDOWS = 512, 4  # 2048 tokens of the fixture, in windows of 512 that each start from an empty cache
 # Most a mode may raise perplexity over eager bf16, in percent (issue 4); modes without one are reported only.
 TARGET_PCT = {"int8_weight_only": 0.5, "w8a8_smooth": 2.0, "int4_weight_only": 5.0}
+INT4_GROUP = 64
 EMULATED = ("ternary", "sparse24", "ternary_sparse24", "fp8", "fp8_scaled_mm")  # on CPU emulate() stands in for them
 
 
@@ -84,7 +89,8 @@ def _sites(report, mode: str) -> dict:
     dbs = [s.sqnr_db for s in linear if s.status == "rewritten" and s.sqnr_db is not None]
     return {"sites": dict(Counter(s.status for s in linear)), "not_rewritten": dict(not_rewritten.most_common(3)),
             "weight_bytes": list(report.weight_bytes()), "min_site_sqnr_db": min(dbs) if dbs else None,
-            "graph_fallbacks": [s.reason for s in report.sites if s.kind == "graph"]}
+            "graph_fallbacks": [s.reason for s in report.sites if s.kind == "graph"],
+            "graph_checks": [s.reason for s in report.sites if s.kind == "outputs"]}
 
 
 def _row(mode: str, ppl: float, base: float, **extra) -> dict:
@@ -122,6 +128,17 @@ def emulated_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None):
     """(x -> what mode's kernel computes for F.linear(x, weight, bias), the packed bytes): ATen arithmetic on the
     weights decoded from the mode's own packing (see the module docstring)."""
     K, b = weight.shape[1], None if bias is None else bias.float()
+    if mode in ("int8_weight_only", "int4_weight_only"):  # bf16 products of the dequantized weights
+        if mode == "int8_weight_only":
+            codes, scale = quantize_per_channel(weight.float())
+            packed, dense = (codes, scale), codes.float() * scale.float()[:, None]
+        else:  # round to nearest on the searched grids: cpu_graph_budget's study, without GPTQ's calibration
+            packed = quantize_int4(weight, INT4_GROUP)
+            codes, scale, zero = (t.float().reshape(weight.shape[0], -1, *t.shape[2:]) for t in packed)
+            groups = (codes.reshape(*scale.shape, INT4_GROUP) - 8) * scale[..., None] + zero[..., None]
+            dense = groups.reshape(weight.shape[0], -1)[:, :K]
+        dense = dense.to(weight.dtype)
+        return (lambda x: torch.nn.functional.linear(x, dense, bias)), sum(t.nbytes for t in packed)
     if mode == "sparse24":
         packed = compress_24(weight, keep_24(weight))
         dense = decompress_24(*packed, K).float()  # the kept values as stored, fp32 sums
@@ -149,17 +166,19 @@ def emulated_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | None = None,
-            window: int = WINDOW, gate: bool = True) -> dict:
+            window: int = WINDOW, gate: bool = True, example: torch.Tensor | None = None) -> dict:
     """The row of a Triton-only mode on CPU: each linear module swapped for its emulation where it keeps the
-    mode's budget on its calibration rows (ACTIVATION_STATS' sample), perplexity of the result. gate=False swaps
-    every linear but the head (what the mode does to the model where nothing refuses it; cpu_quality adds that row
-    where the gate refused some)."""
+    mode's budget on its calibration rows (ACTIVATION_STATS' sample), then, given an example (token ids), the
+    graph check emulated on it (check_outputs); perplexity of the result. gate=False swaps every linear but the head
+    (what the mode does to the model where nothing refuses it; cpu_quality adds that row where the gate refused
+    some)."""
     impl = next(i for i in implementations("linear") if i.name == mode)
     accuracy = mode_config(mode, accuracy).accuracy
     head = model.get_output_embeddings()
     name = mode if gate else f"{mode}, ungated"
+    name += ", per-site gate only" if gate and example is None else ""
     row = {"name": f"perplexity, {name}", "value": None, "accuracy": accuracy if gate else None}
-    swapped, dbs, before, after, not_rewritten = {}, {}, 0, 0, Counter()  # dbs: module -> output SQNR
+    swapped, dbs, packs, not_rewritten = {}, {}, {}, Counter()  # module -> forward, output SQNR, packed bytes
     for m in model.modules():
         if not isinstance(m, torch.nn.Linear):
             continue
@@ -176,10 +195,16 @@ def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
         if gate and db < min_sqnr_db(accuracy, m.weight.dtype):
             not_rewritten[f"SQNR below the {accuracy!r} budget of {min_sqnr_db(accuracy, m.weight.dtype):.0f} dB"] += 1
             continue
-        swapped[m], before, after = forward, before + m.weight.nbytes, after + packed
+        swapped[m], packs[m] = forward, packed
+    if gate and example is not None and swapped:
+        reverted, row["graph_check"] = _graph_check(model, swapped, dbs, example, accuracy)
+        for m in reverted:
+            del swapped[m]
+            not_rewritten["reverted by the graph check"] += 1
     spread = sorted(dbs.values())
     row.update(sites={"rewritten": len(swapped), "kept": sum(not_rewritten.values())},
-               not_rewritten=dict(not_rewritten), weight_bytes=[before, after],
+               not_rewritten=dict(not_rewritten), weight_bytes=[sum(m.weight.nbytes for m in swapped),
+                                                                sum(packs[m] for m in swapped)],
                min_site_sqnr_db=min((dbs[m] for m in swapped), default=None), graph_fallbacks=[],
                site_sqnr_db_min_median_max=[spread[0], spread[len(spread) // 2], spread[-1]] if spread else None,
                note="emulated in ATen on CPU (no CPU kernel); sites are linear modules, "
@@ -187,14 +212,42 @@ def emulate(model, ids: torch.Tensor, mode: str, base: float, accuracy: str | No
     if not swapped:
         return row
     start = time.perf_counter()
-    for m, forward in swapped.items():
-        m.forward = forward  # an instance attribute: deleted below, the class's forward returns
-    try:
+    with _swapped(swapped):
         ppl, _ = perplexity(model, model.config, ids, window)
-    finally:
-        for m in swapped:
-            del m.forward
     return {**row, **_row(name, ppl, base, seconds=time.perf_counter() - start)}
+
+
+@contextlib.contextmanager
+def _swapped(forwards: dict):
+    """The modules' forwards replaced (instance attributes, deleted after: the class's forward returns)."""
+    for m, forward in forwards.items():
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m in forwards:
+            del m.forward
+
+
+@torch.no_grad()
+def _graph_check(model, swapped: dict, dbs: dict, example: torch.Tensor, accuracy: str) -> tuple[list, dict]:
+    """The backend's graph check (Config.check_outputs), emulated: the logits of one forward over the example
+    against bf16's; below the accuracy budget, the swapped linears of lowest SQNR go back to bf16, as few as bring
+    them within it. (the linears reverted, what it found)"""
+    reference = model(example).logits
+    order = sorted(swapped, key=dbs.get)
+    need = graph_budget_db(accuracy, [reference], len(order))
+
+    def attempt(k: int):
+        with _swapped({m: swapped[m] for m in order[k:]}):
+            db = sqnr_db(reference, model(example).logits)
+        return db, db >= need
+
+    first, passes = attempt(0)
+    found = (0, first) if passes else fewest_reverted(len(order), attempt)
+    k, db = found if found is not None else (len(order), math.inf)
+    return order[:k], {"budget_db": need, "logits_sqnr_db_all_swapped": first, "reverted": k,
+                       "logits_sqnr_db": db, "example_tokens": example.numel()}
 
 
 def _print(rows: list[dict]) -> None:
@@ -266,11 +319,74 @@ def cpu_quality(args) -> list[dict]:
     for mode in args.modes.split(",") if args.modes else modes:
         if mode not in modes:
             raise ValueError(f"--modes: {mode!r} is not a linear mode; choose from {', '.join(modes)}")
-        new = [(emulate if mode in EMULATED else measure)(model, ids, mode, base, args.accuracy)]
-        if mode in EMULATED and any(why.startswith("SQNR below") for why in new[0]["not_rewritten"]):
-            new.append(emulate(model, ids, mode, base, args.accuracy, gate=False))  # what the gate spared the model
+        if mode not in EMULATED:
+            new = [measure(model, ids, mode, base, args.accuracy)]
+        else:
+            new = [emulate(model, ids, mode, base, args.accuracy, example=calibration[:1] if len(calibration) else None)]
+            if new[0].get("graph_check", {}).get("reverted"):  # what the graph check spared the model
+                new.append(emulate(model, ids, mode, base, args.accuracy))
+            if any(why.startswith("SQNR below") for why in new[0]["not_rewritten"]):
+                new.append(emulate(model, ids, mode, base, args.accuracy, gate=False))  # what the gate spared it
         for row in new:
             print(f"{row['name'].removeprefix('perplexity, ')}: {row['value']}", flush=True)
         rows += new
     _print(rows)
+    return rows
+
+
+GRAPH_BUDGETS = (5.0, 8.0, 10.0, 12.0, 15.0, 20.0)
+
+
+@torch.no_grad()
+def cpu_graph_budget(args) -> list[dict]:
+    """The study behind gate.GRAPH_BUDGET_DB: SmolLM2 with every linear but the head swapped for a mode's
+    emulation (int4: round to nearest, uncalibrated), each linear's SQNR on the example's own inputs (as the backend
+    gates), then the graph check's bisection on the example at each budget, and the perplexity of what it keeps.
+    Examples: the 512-token window after the measured tokens, and its first token alone (position 0: a decode
+    step's first example in cpu_quality). Perplexity by whole-window forwards over the 4 measured windows."""
+    from torchfx_eff.models import load_smollm2
+
+    model, tok = load_smollm2(torch.bfloat16)
+    ids = torch.tensor(tok(prose(), verbose=False)["input_ids"])
+    measured, window = split(ids, 1)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+    def ppl(forwards) -> float:
+        with _swapped(forwards):
+            logits = model(measured.view(-1, WINDOW)).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), measured.view(-1, WINDOW)[:, 1:].flatten())
+        return math.exp(nll.item())
+
+    base = ppl({})
+    rows = [_row("eager bf16", base, base, method="whole-window forwards")]
+    for mode in (args.modes or "int8_weight_only,int4_weight_only,fp8,sparse24").split(","):
+        forwards = {m: emulated_linear(mode, m.weight.detach(), m.bias)[0] for m in linears}
+        rows.append(_row(f"{mode}, every linear but the head", ppl(forwards), base))
+        for example_name, example in (("512 tokens", window), ("1 token", window[:, :1])):
+            seen = {}
+            hooks = [m.register_forward_hook(lambda m, a, out: seen.__setitem__(m, (a[0], out))) for m in linears]
+            reference = model(example).logits
+            for h in hooks:
+                h.remove()
+            dbs = {m: sqnr_db(seen[m][1], forwards[m](seen[m][0])) for m in linears}
+            order = sorted(linears, key=dbs.get)
+
+            def logits_db(k: int) -> float:
+                with _swapped({m: forwards[m] for m in order[k:]}):
+                    return sqnr_db(reference, model(example).logits)
+
+            first = logits_db(0)
+            for budget in GRAPH_BUDGETS:
+                def attempt(k: int, budget=budget):
+                    db = logits_db(k)
+                    return db, db >= budget
+
+                k, db = (0, first) if first >= budget else fewest_reverted(len(order), attempt)
+                value = ppl({m: forwards[m] for m in order[k:]})
+                rows.append(_row(f"{mode}, graph budget {budget:g} dB on {example_name}", value, base, budget_db=budget,
+                                 reverted=k, linears=len(order), logits_sqnr_db=db, logits_sqnr_db_all_swapped=first,
+                                 site_sqnr_db_min_median=[dbs[order[0]], dbs[order[len(order) // 2]]]))
+                print(f"{rows[-1]['name']}: {k}/{len(order)} reverted, logits {db:.1f} dB, ppl {value:.3f} "
+                      f"({rows[-1]['delta_pct']:+.2f}%)", flush=True)
     return rows

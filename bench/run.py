@@ -4,6 +4,7 @@
     python bench/run.py --suite gpu_attention         # on a GPU: kernels, per-site choice, decode, 1.1B prefill
     python bench/run.py --suite gpu_linear            # on a GPU: linear kernels vs cuBLAS/ATen, 1.1B decode
     python bench/run.py --suite cpu_quality           # SmolLM2 perplexity on a text fixture, bf16 vs each linear mode
+    python bench/run.py --suite cpu_graph_budget      # SmolLM2: perplexity kept by the graph check at each budget
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def cpu_decode(args) -> list[dict]:
 
 # suite -> a function of the parsed args, or the bench module whose function of that name it is (imported
 # only when run: GPU suites need a GPU)
-SUITES = {"cpu_decode": cpu_decode, "cpu_quality": "quality", "gpu_attention": "attention", "gpu_linear": "linear"}
+SUITES = {"cpu_decode": cpu_decode, "cpu_quality": "quality", "cpu_graph_budget": "quality", "gpu_attention": "attention", "gpu_linear": "linear"}
 
 
 def run_suite(name: str, args) -> list[dict]:
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                         help="gpu_attention: kernels, decode, e2e; gpu_linear: kernels, chain, e2e, tuner; or several "
                              "(default: all but tuner; a subset names its file)")
     parser.add_argument("--modes", default="",
-                        help="cpu_quality, gpu_linear: comma-separated linear modes (default: all; a subset names its "
+                        help="cpu_quality, cpu_graph_budget, gpu_linear: comma-separated linear modes (default: all; a subset names its "
                              "file); gpu_linear e2e also takes a mode+siblings (Q/K/V and gate/up fused, originals "
                              "released)")
     parser.add_argument("--rows", default="",

@@ -188,7 +188,7 @@ def test_backend_runs_the_triton_kernels_through_the_interpreter(rows, monkeypat
         assert (s.status, s.chosen) == ("rewritten", "int8_weight_only"), s.reason
         N, K = s.hints["N"], s.hints["K"]
         assert s.weight_bytes == (N * K * 4, N * K + 2 * N)
-    assert len(triton) == 2 * 2 and not aten  # the gate's run and the model's, per site
+    assert len(triton) == 2 * 3 and not aten  # the gate's run, the graph check's and the model's, per site
     assert sqnr_ref(ref, out) >= 30.0
 
 

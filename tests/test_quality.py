@@ -111,23 +111,31 @@ def test_bench_emulation_of_gpu_only_modes_equals_their_kernels(mode, dtype):
     assert (forward(x) - F.linear(x, weight, bias)).abs().max() > 0.1  # lossy: not the original linear
 
 
-def test_bench_emulation_gates_each_linear_and_restores_the_model():
-    """emulate() swaps only linears that keep the budget on their calibration rows: a ternary layer (weights
-    +-0.02, as a BitNet checkpoint stores them) passes 'balanced', random ones (~6 dB) do not, and the head keeps
-    bf16. It measures, then leaves the model as it was."""
+def _calibrated_llama(ternary_layers):
+    """A tiny Llama whose linears ternary_layers(model) names hold ternary weights (+-0.02, as a BitNet checkpoint
+    stores them), calibrated on 24 of 48 token ids; (model, ids, its perplexity over windows of 24)."""
     import torchfx_eff
     from torchfx_eff.calibration import ACTIVATION_STATS
 
     torch.manual_seed(0)
     model = make_model("llama", SMALL).eval()
-    ternary_layer = model.model.layers[0].mlp.down_proj
     with torch.no_grad():
-        ternary_layer.weight.copy_(torch.randn_like(ternary_layer.weight).sign() * 0.02)
+        for m in ternary_layers(model):
+            m.weight.copy_(torch.randn_like(m.weight).sign() * 0.02)
     ids = torch.randint(0, VOCAB, (48,))
     ACTIVATION_STATS.clear()
     torchfx_eff.calibrate_activations(model, [ids[None, :24]], progress=False)
+    return model, ids, perplexity(model, model.config, ids, 24)[0]
+
+
+def test_bench_emulation_gates_each_linear_and_restores_the_model():
+    """emulate() swaps only linears that keep the budget on their calibration rows: a ternary layer (weights
+    +-0.02, as a BitNet checkpoint stores them) passes 'balanced', random ones (~6 dB) do not, and the head keeps
+    bf16. It measures, then leaves the model as it was."""
+    from torchfx_eff.calibration import ACTIVATION_STATS
+
+    model, ids, base = _calibrated_llama(lambda model: [model.model.layers[0].mlp.down_proj])
     quality = _bench_quality()
-    base, _ = perplexity(model, model.config, ids, 24)
     row = quality.emulate(model, ids, "ternary", base, "balanced", window=24)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert row["sites"] == {"rewritten": 1, "kept": linears - 1}, row
@@ -141,3 +149,53 @@ def test_bench_emulation_gates_each_linear_and_restores_the_model():
     assert ungated["site_sqnr_db_min_median_max"] == row["site_sqnr_db_min_median_max"]  # the same measurements
     ACTIVATION_STATS.clear()
     assert perplexity(model, model.config, ids, 24)[0] == base  # every forward restored
+
+
+def test_bench_emulation_reverts_the_lowest_sqnr_linears_where_the_logits_miss_the_budget(monkeypatch):
+    """emulate() given an example runs the graph check as the backend does: ternary layers (+-0.02 weights) pass
+    'balanced' one by one; where their errors together put the logits below the budget, the linears of lowest
+    SQNR go back to bf16 until the logits meet it."""
+    from torchfx_eff.calibration import ACTIVATION_STATS
+
+    model, ids, base = _calibrated_llama(lambda model: [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                                                        and m is not model.get_output_embeddings()])
+    quality = _bench_quality()
+    example = ids[None, 24:]
+    unchecked = quality.emulate(model, ids, "ternary", base, "balanced", window=24)
+    everything = quality.emulate(model, ids, "ternary", base, "balanced", window=24, example=example)["graph_check"]
+    n = unchecked["sites"]["rewritten"]
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1 and everything["reverted"] == 0
+    budget = everything["logits_sqnr_db_all_swapped"] + 3  # met by the bf16 model alone, not with all swapped
+    monkeypatch.setattr(quality, "graph_budget_db", lambda *a: budget)
+    row = quality.emulate(model, ids, "ternary", base, "balanced", window=24, example=example)
+    check = row["graph_check"]
+    assert 0 < check["reverted"] < n and check["logits_sqnr_db"] >= budget > check["logits_sqnr_db_all_swapped"]
+    assert row["sites"]["rewritten"] == n - check["reverted"]
+    assert row["not_rewritten"]["reverted by the graph check"] == check["reverted"]
+    assert row["min_site_sqnr_db"] >= unchecked["min_site_sqnr_db"]  # the lowest went back
+    assert row["value"] not in (None, unchecked["value"])
+    ACTIVATION_STATS.clear()
+
+
+@pytest.mark.parametrize("mode", ["int8_weight_only", "int4_weight_only"])
+def test_bench_emulation_of_weight_only_modes_equals_the_aten_kernels(mode):
+    """cpu_graph_budget swaps linears for an emulation of int8 and int4 (round to nearest): bf16 products of the
+    decoded weights, which must be what ATen's CPU kernel computes from the same packing, to bf16 rounding."""
+    from helpers import sqnr_ref
+
+    from torchfx_eff.kernels import int4_weight_only as int4, int8_weight_only as int8
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 128, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    forward, nbytes = _bench_quality().emulated_linear(mode, weight, bias)
+    if mode == "int8_weight_only":
+        packed = int8.quantize_per_channel(weight.float())
+        kernel = int8.int8_weight_only_linear(x, *packed, bias)
+    else:
+        packed = int4.quantize_int4(weight, 64)
+        kernel = int4.int4_weight_only_linear(x, *int4.pack_for_cpu(*packed), 64, bias)
+    assert nbytes == sum(t.nbytes for t in packed)
+    assert sqnr_ref(kernel, forward(x)) > 40  # bf16 rounding of the sums
+    lossy = {"int8_weight_only": 45, "int4_weight_only": 25}[mode]  # the codes' rounding: not the original linear
+    assert sqnr_ref(torch.nn.functional.linear(x.double(), weight.double(), bias.double()), forward(x)) < lossy

@@ -126,7 +126,7 @@ def test_log_appends_and_reset_clears(tmp_path):
         torch._dynamo.reset()
         compiled(LinearStack().to(torch.bfloat16), log=str(log))(x)
         second = torchfx_eff.last_report()
-    assert len(first.sites) == len(second.sites) == 4  # two linear sites, their two weights' records
+    assert len(first.sites) == len(second.sites) == 5  # two linear sites, the graph check's, two weight records
     assert Report.from_jsonl(log).sites == first.sites + second.sites  # appended, not overwritten
     assert first.sites[0].graph_id != second.sites[0].graph_id
 

@@ -39,8 +39,14 @@ def _record(graph_id, site, status, reason="", cands=(), **kw) -> SiteRecord:
     return SiteRecord(
         graph_id=graph_id, kind=site.kind, status=status, op=site.op, location=site.location, reason=reason,
         candidates=[rec for _, rec in cands],
-        dims={k: str(v) for k, v in site.dims.items()}, hints={k: site.size(k) for k in site.dims}, **kw,
+        dims={k: str(v) for k, v in site.dims.items()}, hints={k: site.size(k) for k in site.dims},
+        site_id=_site_id(site), **kw,
     )
+
+
+def _site_id(site) -> str:
+    """What names a site across rewrites of its graph: a linear's weight (a fused one's concatenation), else its node."""
+    return getattr(site, "weight_name", None) or site.node.name
 
 
 def _missed(graph_id, miss: passes.Miss) -> SiteRecord:
@@ -81,7 +87,7 @@ class Backend:
         # packing, the gate and an unrewritten read need the originals that earlier graphs released
         memory.restore([*example_inputs, *gm.parameters(), *gm.buffers()], f"graph {graph_id}'s compile")
         try:
-            rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id)
+            rewritten, records, packed = self.rewrite_within_budget(gm, example_inputs, graph_id)
         except StageError as e:
             if self.config.strict:
                 raise
@@ -96,7 +102,7 @@ class Backend:
             except Exception as e:  # should Inductor fail to lower a dispatch: rewrite again without them
                 if self.config.strict:
                     raise
-                rewritten, records, packed = self.rewrite(gm, example_inputs, graph_id, dispatch=False)
+                rewritten, records, packed = self.rewrite_within_budget(gm, example_inputs, graph_id, dispatch=False)
                 why = (f"Inductor could not compile the dispatch on rows ({type(e).__name__}: "
                        f"{(str(e).strip().splitlines() or [''])[0][:200]}); the choice at the example's size serves all")
                 log.warning("torchfx_eff: graph %d: %s", graph_id, why)
@@ -112,14 +118,65 @@ class Backend:
         report.add_graph(records, self.config.log)
         return guarded
 
+    def rewrite_within_budget(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True):
+        """rewrite(), then the graph check: per-site budgets compound over a graph's sites, so the rewritten graph's
+        outputs are held to the accuracy budget against the original's, on the example inputs. Below it, the
+        rewritten sites of lowest SQNR go back to the original, as few as bring the outputs within it (a bisection
+        on their number); if none do, the stage fails and the graph runs unoptimized. An "outputs" record says what
+        the check found."""
+        result = self.rewrite(gm, example_inputs, graph_id, dispatch)
+        revertible = sorted((r for r in result[1] if r.status == "rewritten" and r.site_id and r.sqnr_db is not None
+                             and r.sqnr_db < float("inf")), key=lambda r: r.sqnr_db)
+        if not revertible or not self.config.check_outputs:  # nothing rewritten, or only exactly
+            return result
+        with stage("graph check"):
+            reference = gate.run_graph(gm, example_inputs)
+            need = gate.graph_budget_db(self.config.accuracy, reference, len(revertible))
+            measure = lambda rewritten: gate.compare_outputs(reference, gate.run_graph(rewritten, example_inputs))
+            first, why = measure(result[0])
+        accuracy, n = self.config.accuracy, len(revertible)
+        outputs = lambda db: f"the rewritten graph's {len(reference)} output(s) are at {db:.1f} dB of the original's"
+        if why is None and first >= need:
+            result[1].append(SiteRecord(graph_id, "outputs", "checked", f"{len(reference)} outputs", sqnr_db=first,
+                                        reason=f"{outputs(first)} on the example inputs, within the {accuracy!r} "
+                                               f"budget of {need:.1f} dB"))
+            return result
+        failed = (f"{outputs(first)} ({why})" if why else f"{outputs(first)}") + \
+            f", below the {accuracy!r} budget of {need:.1f} dB"
+        if self.config.strict:
+            raise RuntimeError(f"torchfx_eff: graph {graph_id} failed the graph check: {failed}")
+        log.info("torchfx_eff: graph %d: %s; reverting its sites of lowest SQNR", graph_id, failed)
+        members = {r.copy: r.packed for r in result[1] if r.kind == "siblings" and r.copy}
+
+        def reverted(k: int):
+            keep = {}
+            for r in revertible[:k]:
+                why = (f"reverted by the graph check: with every site rewritten, {failed}; the {k} rewritten sites of "
+                       f"lowest SQNR (this one at {r.sqnr_db:.1f} dB) went back to the original")
+                keep.update(dict.fromkeys([r.site_id, *members.get(r.site_id, ())], why))
+            attempt = self.rewrite(gm, example_inputs, graph_id, dispatch, keep=keep)
+            with stage("graph check"):
+                db, why = measure(attempt[0])
+            return (attempt, db), why is None and db >= need
+
+        if (found := gate.fewest_reverted(n, reverted)) is None:
+            raise StageError("graph check", RuntimeError(f"{failed}, and with all {n} rewritten sites reverted too"))
+        high, ((rewritten, records, packed), db) = found
+        records.append(SiteRecord(graph_id, "outputs", "checked", f"{len(reference)} outputs", sqnr_db=db,
+                                  reason=f"{outputs(db)} on the example inputs after {high} of its {n} rewritten "
+                                         f"sites went back to the original (at {first:.1f} dB with all of them), "
+                                         f"within the {accuracy!r} budget of {need:.1f} dB"))
+        return rewritten, records, packed
+
     def rewrite(self, gm: fx.GraphModule, example_inputs: list, graph_id: int, dispatch: bool = True,
-                unfused: frozenset = frozenset()):
+                unfused: frozenset = frozenset(), keep: dict | None = None):
         """A rewritten copy of gm (gm itself is never modified), one record per site, and the parameters
         (with their version counters) that rewrites packed into constants. dispatch=False: no site dispatches
         on its row count; each takes its choice at the example's size. Under fuse_siblings="auto", sibling groups
         whose fused linear reads its concatenated weight as is are rewritten again unfused (unfused: their copies'
-        names), unless Config.release_weights frees the members."""
-        config = self.config
+        names), unless Config.release_weights frees the members. keep: site id -> why that site keeps the original
+        (the graph check reverted it)."""
+        config, keep = self.config, keep or {}
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
             passes.normalize(work)
@@ -149,7 +206,8 @@ class Backend:
                        for s in sites if dispatch and (by_rows := cost.regime_hints(s))}
             blocker = self._blocker(info)
             contested = lambda s, c: any(len(self._ranked(s, x)) > 1 for x in [c, *regimes.get(id(s), {}).values()])
-            todo = [(s, c) for s, c in plans if not blocker and (contested(s, c) or config.calibrate)]
+            todo = [(s, c) for s, c in plans
+                    if not blocker and _site_id(s) not in keep and (contested(s, c) or config.calibrate)]
         with stage("capture"):
             chains = {s.node: s.chain for s, _ in todo}
             chains.update({s.epilogue.out: s.chain + s.epilogue.nodes for s, _ in todo if _epilogue(s)})
@@ -164,6 +222,8 @@ class Backend:
         for s, cands in plans:
             if blocker:
                 records.append(_record(graph_id, s, "kept", blocker, cands, chosen="original"))
+            elif _site_id(s) in keep:
+                records.append(_record(graph_id, s, "fallback", keep[_site_id(s)], cands, chosen="original"))
             elif id(s) in contested:
                 records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter, regimes.get(id(s))))
             else:
@@ -181,7 +241,7 @@ class Backend:
         auto = config.fuse_siblings == "auto" and not config.release_weights
         read_as_is = copies_read_as_is(rewritten) if auto else set()
         if read_as_is:
-            return self.rewrite(gm, example_inputs, graph_id, dispatch, unfused | read_as_is)
+            return self.rewrite(gm, example_inputs, graph_id, dispatch, unfused | read_as_is, keep)
         return rewritten, records, rewriter.packed
 
     def _fold_norms(self, graph_id, work: fx.GraphModule, example_inputs, rewriter: Rewriter) -> list[SiteRecord]:

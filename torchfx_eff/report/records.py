@@ -6,7 +6,8 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
-STATUSES = ("rewritten", "kept", "fallback", "missed", "released")  # released: a "weight" record (memory.py)
+# released: a "weight" record (memory.py); checked: an "outputs" record, the graph check (backend.py)
+STATUSES = ("rewritten", "kept", "fallback", "missed", "released", "checked")
 FUSED_COPY_PREFIX = "_torchfx_eff_cat_"  # names of the concatenated weights of fused sibling linears
 
 
@@ -47,6 +48,7 @@ class SiteRecord:
     regimes: dict[str, dict] = field(default_factory=dict)
     epilogue: str = ""  # the pointwise ops after a linear that its kernel applies, e.g. "swiglu(silu), to float16"
     copy: str = ""  # a "siblings" record: the name of the concatenated weight it made
+    site_id: str = ""  # a linear's weight name, another site's node name: the graph check reverts sites by it
 
     def to_dict(self) -> dict:
         return asdict(self)
