@@ -404,7 +404,8 @@ def decode_one(mode: str, prompt: int, new_tokens: int) -> dict:
                                      for r in report.sites if r.status == "rewritten")
         row.update(summary=report.summary(), weight_bytes=list(report.weight_bytes()),
                    resident_bytes=list(report.resident_bytes()), chosen=dict(chosen),
-                   accuracy=DECODE_ACCURACY.get(_linear_mode(mode)[0], "balanced"), linears_not_rewritten=dict(kept.most_common(5)))
+                   accuracy=DECODE_ACCURACY.get(_linear_mode(mode)[0], "balanced"), linears_not_rewritten=dict(kept.most_common(5)),
+                   graph_checks=[r.reason for r in report.sites if r.kind == "outputs"])
     return row
 
 

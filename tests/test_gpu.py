@@ -179,6 +179,21 @@ def test_triton_flash_compiled_for_the_gpu_matches_sdpa(shape, dtype):
     assert sqnr_ref(ref.cpu(), out.float().cpu()) > 40
 
 
+def test_llama_bf16_lossless_attention_rewrites_keep_every_site_through_the_graph_check():
+    """Fused SDPA kernels round differently from the original's math in bf16: the graph's logits stay within the
+    lossless graph budget (rounding level less 10*log10(sites)), and no site goes back."""
+    model = make_model("llama", GPU_SIZES, torch.bfloat16).cuda()
+    ids = torch.randint(0, 128, (1, 256), device="cuda")
+    with torch.no_grad():
+        compiled(model, accuracy="lossless", linear="off")(ids)
+    rewritten = sites("attention", "rewritten")
+    assert rewritten and not sites("graph"), torchfx_eff.last_report()
+    checked = sites("outputs", "checked")  # none where every rewrite computes exactly the original's values
+    assert len(checked) == any(s.sqnr_db < float("inf") for s in rewritten)
+    assert all("after " not in s.reason and "within the 'lossless' budget" in s.reason for s in checked), checked
+    assert not [s for s in sites() if s.reason.startswith("reverted by the graph check")]
+
+
 def test_llama_bf16_attention_rewritten_to_triton_flash_under_inductor(monkeypatch):
     import dataclasses
 
