@@ -150,10 +150,10 @@ class Backend:
 
         def reverted(k: int):
             keep = {}
+            why = (f"reverted by the graph check: with every site rewritten, {failed}; the {k} rewritten sites of "
+                   f"lowest SQNR (theirs in the SQNR column) went back to the original")
             for r in revertible[:k]:
-                why = (f"reverted by the graph check: with every site rewritten, {failed}; the {k} rewritten sites of "
-                       f"lowest SQNR (this one at {r.sqnr_db:.1f} dB) went back to the original")
-                keep.update(dict.fromkeys([r.site_id, *members.get(r.site_id, ())], why))
+                keep.update(dict.fromkeys([r.site_id, *members.get(r.site_id, ())], (why, r.sqnr_db)))
             attempt = self.rewrite(gm, example_inputs, graph_id, dispatch, keep=keep)
             with stage("graph check"):
                 db, why = measure(attempt[0])
@@ -174,8 +174,8 @@ class Backend:
         (with their version counters) that rewrites packed into constants. dispatch=False: no site dispatches
         on its row count; each takes its choice at the example's size. Under fuse_siblings="auto", sibling groups
         whose fused linear reads its concatenated weight as is are rewritten again unfused (unfused: their copies'
-        names), unless Config.release_weights frees the members. keep: site id -> why that site keeps the original
-        (the graph check reverted it)."""
+        names), unless Config.release_weights frees the members. keep: site id -> (why that site keeps the original,
+        its rewrite's SQNR): the graph check reverted it."""
         config, keep = self.config, keep or {}
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
@@ -223,7 +223,8 @@ class Backend:
             if blocker:
                 records.append(_record(graph_id, s, "kept", blocker, cands, chosen="original"))
             elif _site_id(s) in keep:
-                records.append(_record(graph_id, s, "fallback", keep[_site_id(s)], cands, chosen="original"))
+                why, db = keep[_site_id(s)]
+                records.append(_record(graph_id, s, "fallback", why, cands, chosen="original", sqnr_db=db))
             elif id(s) in contested:
                 records.append(self._gate_and_rewrite(graph_id, s, cands, values, rewriter, regimes.get(id(s))))
             else:

@@ -38,7 +38,7 @@ class SiteRecord:
     candidates: list[CandidateRecord] = field(default_factory=list)
     dims: dict[str, str] = field(default_factory=dict)  # symbolic size -> expression
     hints: dict[str, int] = field(default_factory=dict)  # the example value of each size
-    sqnr_db: float | None = None  # numerics gate result of the chosen candidate
+    sqnr_db: float | None = None  # numerics gate result of the chosen candidate (or of the rewrite the graph check reverted)
     weight_bytes: tuple[int, int] | None = None  # (before, packed) for rewrites that repack weights
     # (before, after) in memory: the originals, then the packed copy plus the originals still resident. A "weight"
     # record (one parameter or fused copy) has (bytes, bytes resident) in weight_bytes.
