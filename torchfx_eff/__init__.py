@@ -1,5 +1,5 @@
 """torchfx_eff: a torch.compile backend that rewrites attention and linear sites into faster kernels,
-chosen per site by a cost model, checked numerically, and logged.
+chosen per site by a cost model, checked numerically per site and at the graph's outputs, and logged.
 
     model = torch.compile(model, backend="torchfx_eff")
     model(*inputs)

@@ -1,4 +1,5 @@
-"""The torch.compile entry point: normalize -> match -> candidates -> cost -> gate -> rewrite -> inner compile."""
+"""The torch.compile entry point: normalize -> match -> candidates -> cost -> gate -> rewrite -> graph check -> inner
+compile."""
 from __future__ import annotations
 
 import contextlib
