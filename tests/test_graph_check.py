@@ -114,3 +114,25 @@ def test_a_reverted_fused_group_keeps_its_members_original():
     reverted = {s.site_id for s in sites("linear", "fallback") if s.reason.startswith("reverted by the graph check")}
     assert {m for m in members if m.endswith("weight")} <= reverted
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+class Noisy(torch.nn.Module):
+    """A linear whose output gets random noise: two runs agree only from one random state."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(256, 256, bias=False)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y + torch.randn_like(y) * y.abs().mean()
+
+
+def test_a_graph_that_draws_random_numbers_is_compared_from_one_random_state():
+    """Each run from its own random state, their noise alone would put the output near 0 dB and send the site back."""
+    torch.manual_seed(0)
+    model, x = Noisy().to(torch.bfloat16).eval(), torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled(model)(x)
+    (outputs,) = sites("outputs", "checked")
+    assert sites("linear", "rewritten") and outputs.sqnr_db > 20, outputs.reason
