@@ -208,6 +208,40 @@ def tuner_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
     return rows
 
 
+CROSSOVER_ROWS = (1, 2, 3, 4)
+
+
+def crossover_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
+    """Each weight-only mode's GEMV and GEMM at few rows, both forced (weight_only_triton.GEMV_MAX_ROWS set to M or
+    0), timed as kernels_rows times them, beside the cost model's estimate of each path: where the GEMV should stop
+    on this device. The row's value is the GEMV's time."""
+    spec = cost.detect(torch.device("cuda"))
+    impls = {impl.name: impl for impl in kernels.implementations("linear")}
+    default, rows = weight_only_triton.GEMV_MAX_ROWS, []
+    for K, N in SHAPES:
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(-(-COLD_BYTES // (2 * N * K)))]
+        for M in CROSSOVER_ROWS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            for name in modes:
+                reps = [impls[name].replace(_site(x, w)) for w in ws]
+                timed = {}
+                try:
+                    for path, gemv_rows in (("gemv", M), ("gemm", 0)):
+                        weight_only_triton.GEMV_MAX_ROWS = gemv_rows
+                        estimate = float(impls[name].cost(_site(x, ws[0]), spec))
+                        timed[path] = (_ms([lambda r=r: r.op(*r.args, **r.kwargs) for r in reps]), estimate)
+                finally:
+                    weight_only_triton.GEMV_MAX_ROWS = default
+                (gemv, gemv_est), (gemm, gemm_est) = timed["gemv"], timed["gemm"]
+                rows.append({"name": f"K={K} N={N} M={M} {name} GEMV", "value": gemv, "unit": "ms",
+                             "anchor": "the GEMM", "anchor_value": gemm, "ratio": gemm / gemv,
+                             "estimate_ms": gemv_est * 1e3, "gemm_estimate_ms": gemm_est * 1e3,
+                             "dispatched": "gemv" if M <= default else "gemm"})
+            del x
+        del ws
+    return rows
+
+
 # One decoder layer's linears of the 1.1B at M = 1, Q/K/V and gate/up fused, as (N, K): a decode step runs 16 in turn
 CHAIN_LAYER = [(3072, 2048), (2048, 2048), (11264, 2048), (2048, 5632)]
 CHAIN_LAYERS = 16
@@ -441,6 +475,7 @@ def gpu_linear(args) -> list[dict]:
     modes = DECODE_MODES[:1] + tuple(args.modes.split(",")) if args.modes else DECODE_MODES
     rows += chain_rows() if "chain" in args.parts else []
     rows += tuner_rows() if "tuner" in args.parts else []
+    rows += crossover_rows() if "crossover" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 
