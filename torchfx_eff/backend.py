@@ -136,9 +136,12 @@ class Backend:
             measure = lambda rewritten: gate.compare_outputs(reference, gate.run_graph(rewritten, example_inputs))
             first, why = measure(result[0])
         accuracy, n = self.config.accuracy, len(revertible)
-        outputs = lambda db: f"the rewritten graph's {len(reference)} output(s) are at {db:.1f} dB of the original's"
+        floats = sum(t.is_floating_point() for t in reference)
+        others = f" ({len(reference) - floats} others, not floating point, not compared)" if floats < len(reference) else ""
+        outputs = lambda db: f"the rewritten graph's {floats} floating-point output(s){others} are at {db:.1f} dB of the original's"
+        detail = f"{floats} outputs"
         if why is None and first >= need:
-            result[1].append(SiteRecord(graph_id, "outputs", "checked", f"{len(reference)} outputs", sqnr_db=first,
+            result[1].append(SiteRecord(graph_id, "outputs", "checked", detail, sqnr_db=first,
                                         reason=f"{outputs(first)} on the example inputs, within the {accuracy!r} "
                                                f"budget of {need:.1f} dB"))
             return result
@@ -163,7 +166,7 @@ class Backend:
         if (found := gate.fewest_reverted(n, reverted)) is None:
             raise StageError("graph check", RuntimeError(f"{failed}, and with all {n} rewritten sites reverted too"))
         high, ((rewritten, records, packed), db) = found
-        records.append(SiteRecord(graph_id, "outputs", "checked", f"{len(reference)} outputs", sqnr_db=db,
+        records.append(SiteRecord(graph_id, "outputs", "checked", detail, sqnr_db=db,
                                   reason=f"{outputs(db)} on the example inputs after {high} of its {n} rewritten "
                                          f"sites went back to the original (at {first:.1f} dB with all of them), "
                                          f"within the {accuracy!r} budget of {need:.1f} dB"))

@@ -140,12 +140,12 @@ def check(rep: Replacement, reference: torch.Tensor, values: dict, accuracy: str
 
 @torch.no_grad()
 def run_graph(gm: fx.GraphModule, example_inputs: list) -> list[torch.Tensor]:
-    """The graph's floating-point outputs on the example inputs, run as capture runs them (caches copied), from the
-    random state it finds, which it restores: two graphs' runs draw the same random numbers."""
+    """The graph's tensor outputs on the example inputs, run as capture runs them (caches copied), from the random
+    state it finds, which it restores: two graphs' runs draw the same random numbers."""
     cuda = [x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda][:1]
     with torch.random.fork_rng(devices=cuda):
         out = gm(*map(_concrete, example_inputs))
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 # What a rewritten graph's outputs must keep against the original's, in dB: per-site budgets compound over a
@@ -161,14 +161,16 @@ def graph_budget_db(accuracy: str, outputs: list[torch.Tensor], sites: int) -> f
     the rounding level of `sites` sites, whose errors add (10·log10(sites) below one site's)."""
     if accuracy != "lossless":
         return GRAPH_BUDGET_DB[accuracy]
-    dtype = min((t.dtype for t in outputs), key=lambda d: LOSSLESS_DB.get(d, 35.0), default=torch.float32)
+    dtype = min((t.dtype for t in outputs if t.is_floating_point()), key=lambda d: LOSSLESS_DB.get(d, 35.0),
+                default=torch.float32)
     return min_sqnr_db("lossless", dtype) - 10 * math.log10(max(sites, 1))
 
 
 def compare_outputs(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> tuple[float, str | None]:
-    """The lowest SQNR over a graph's outputs (inf for a graph without floating-point outputs), and why some
-    output does not compare, if one does not."""
-    results = [compare(r, a) for r, a in zip(reference, actual)]
+    """The lowest SQNR over a graph's floating-point outputs (inf for a graph without any), and why some output does
+    not compare, if one does not. Other outputs (integers: token ids, indices) are not compared: a rewrite within
+    budget may still flip an argmax between near-tied logits."""
+    results = [compare(r, a) for r, a in zip(reference, actual) if r.is_floating_point()]
     why = next((f"output {i}: {w}" for i, (_, w) in enumerate(results) if w), None)
     return min((db for db, _ in results), default=math.inf), why
 
