@@ -14,9 +14,8 @@ def _sites_of(module, *inputs, dynamic=True):
     found = []
 
     def backend(gm, example_inputs):
-        work = torch.fx.GraphModule(gm, gm.graph)
-        passes.normalize(work)
-        info = passes.GraphInfo(work, list(example_inputs))
+        info = passes.GraphInfo(torch.fx.GraphModule(gm, gm.graph), list(example_inputs))
+        passes.normalize(info)
         for match in passes.MATCHERS.values():
             found.extend(s for s in match(info) if not isinstance(s, passes.Miss))
         return gm.forward

@@ -66,6 +66,76 @@ def test_kn_layout_sites_compute_x_times_w(how):
     assert sqnr_ref(_dequantized_reference(model.w_kn.t(), x, bias), out) >= 30.0
 
 
+class Transposed(torch.nn.Module):
+    """x times the transpose of an [N, K] parameter, as Falcon's FalconLinear (`input @ self.weight.T`) and others
+    spell it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w_nk = torch.nn.Parameter(torch.randn(N, K) / K ** 0.5)
+        self.b = torch.nn.Parameter(torch.randn(N))
+
+    def forward(self, x):
+        w = self.w_nk
+        return {"T": lambda: x @ w.T, "mT": lambda: x @ w.mT, "t()": lambda: x @ w.t(),
+                "torch.t": lambda: torch.matmul(x, torch.t(w)), "transpose": lambda: x @ w.transpose(0, 1),
+                "transpose(-1, -2)": lambda: x.matmul(w.transpose(-1, -2)), "permute": lambda: x @ w.permute(1, 0),
+                "addmm": lambda: torch.addmm(self.b, x.view(-1, K), w.T)}[self.how]()
+
+
+@pytest.mark.parametrize("how", ["T", "mT", "t()", "torch.t", "transpose", "transpose(-1, -2)", "permute", "addmm"])
+def test_matmul_by_a_transposed_parameter_is_a_linear_site_quantized_per_row(how):
+    """The parameter is [N, K] as F.linear's: quantized per row (its output channels), checked against the fp64
+    product of the dequantized rows, so that a layout mix-up cannot pass."""
+    torch.manual_seed(0)
+    model = Transposed(how).to(torch.bfloat16)
+    x = torch.randn(1, 3, K, dtype=torch.bfloat16) if how != "addmm" else torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = compiled(model)(x)
+    [s] = matched("linear")
+    assert s.op == "linear" and s.hints == {"M": 3, "N": N, "K": K}
+    assert s.status == "rewritten", s.reason
+    assert sqnr_ref(_dequantized_reference(model.w_nk, x, model.b if how == "addmm" else None), out) >= 30.0
+
+
+def test_matmul_by_a_transposed_activation_is_not_a_linear_site():
+    def f(a, b):
+        return torch.relu(a @ b.T)
+
+    with torch.no_grad():
+        compiled(f)(torch.randn(4, 8), torch.randn(3, 8))
+    assert sites("linear") == []
+
+
+class Experts(torch.nn.Module):
+    """MoE experts as transformers keeps them: one [E, N, K] parameter, each expert's tokens multiplied by its matrix
+    in one batched product (bmm over [E, T, K], or _grouped_mm over tokens sorted by expert)."""
+
+    def __init__(self, how, experts=4):
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.randn(experts, N, K) / K ** 0.5)
+
+    def forward(self, x):
+        if self.how == "bmm":
+            return torch.bmm(x, self.w.transpose(1, 2))
+        offs = torch.tensor([2, 4, 6, 8], dtype=torch.int32)  # each expert's last token + 1
+        return torch._grouped_mm(x.flatten(0, 1), self.w.transpose(-2, -1), offs=offs)
+
+
+@pytest.mark.parametrize("how", ["bmm", "grouped_mm"])
+def test_stacked_expert_weights_are_missed_with_reason(how):
+    model = Experts(how).to(torch.bfloat16)
+    x = torch.randn(4, 2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model)(x)
+    [miss] = sites("linear")
+    assert miss.status == "missed" and "stack of 4 weight matrices" in miss.reason and str((4, N, K)) in miss.reason
+    assert torch.equal(out, ref)
+
+
 def test_linear_with_runtime_weight_is_missed_with_reason():
     class RuntimeWeight(torch.nn.Module):
         def __init__(self):
@@ -208,6 +278,13 @@ def _bmm(m, q, k, v, **x):  # (B·H, L, D) operands
     return torch.bmm(torch.softmax(torch.bmm(q3, k3.permute(0, 2, 1)) * S, dim=-1), v3).view(B, H, L, D)
 
 
+def _in_place(m, q, k, v, mask, **x):  # Falcon's eager attention scales its scores in place
+    scores = q @ k.mT
+    scores /= D ** 0.5
+    scores += mask
+    return torch.softmax(scores, -1) @ v
+
+
 # name -> (spelling, key length, what the site must hold)
 TAKEN = {
     "matmul_transpose": (lambda m, q, k, v, **x: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * S, dim=-1) @ v,
@@ -219,6 +296,7 @@ TAKEN = {
         torch.einsum("bhqd,bhkd->bhqk", q, k) * S, -1), v), L, {"scale": S, "k_transposed": False}),
     "einsum_ellipsis_kT_p_second": (lambda m, q, k, v, **x: torch.einsum("...jd,...ij->...id", v, torch.softmax(
         torch.einsum("...id,...dj->...ij", q, k.transpose(-2, -1)) * S, -1)), L, {"scale": S, "k_transposed": True}),
+    "in_place_div_and_add": (_in_place, L, {"scale": S, "masks": 1}),
     "q_scaled_first": (lambda m, q, k, v, **x: torch.softmax((q * S) @ k.transpose(-2, -1), -1) @ v, L, {"scale": 1.0}),
     "q_and_k_scaled_first": (lambda m, q, k, v, **x: torch.softmax((q * S ** 0.5) @ (k * S ** 0.5).mT, -1) @ v,
                              L, {"scale": 1.0}),

@@ -26,6 +26,10 @@ def _model(name: str, attn: str):
                              num_key_value_heads=2, head_dim=16, vocab_size=128, sliding_window=4,
                              attn_implementation=attn)
         return T.Gemma2ForCausalLM(cfg), {"input_ids": ids(8)}
+    if name == "falcon":  # FalconLinear multiplies by self.weight.T (a matmul, not F.linear); Q/K/V in one linear
+        cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                             new_decoder_architecture=True, vocab_size=128, attn_implementation=attn)
+        return T.FalconForCausalLM(cfg), {"input_ids": ids(8)}
     if name == "t5":  # relative position bias added to the scores, no scaling; cross-attention
         cfg = T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128,
                          attn_implementation=attn)
@@ -49,7 +53,7 @@ def _main_output(out):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "t5", "vit", "whisper"])
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3", "falcon", "t5", "vit", "whisper"])
 def test_every_attention_call_is_a_site_and_outputs_match(name, attn):
     model, inputs = _model(name, attn)
     model.eval()

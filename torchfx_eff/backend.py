@@ -183,8 +183,8 @@ class Backend:
         config, keep = self.config, keep or {}
         with stage("normalize"):
             work = fx.GraphModule(gm, _copy_graph(gm))
-            passes.normalize(work)
             info = passes.GraphInfo(work, list(example_inputs))
+            passes.normalize(info)
         with stage("siblings"):
             fuse = config.fuse_siblings is not False and config.family("linear") != "off"
             fused = passes.fuse_siblings(info, graph_id, unfused) if fuse else []

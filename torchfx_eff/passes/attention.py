@@ -92,8 +92,11 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | Miss:
 
 
 CASTS = ("to", "type", "float", "half", "bfloat16", "type_as")
-SCALES = {operator.mul: False, torch.mul: False, "mul": False, operator.truediv: True, torch.div: True, "div": True}
-ADDS = (operator.add, torch.add)
+# In place too (Falcon's `scores /= sqrt(d)`): the ops from the scores to softmax each have one user (_scores_to_softmax),
+# so no other reader sees the mutation.
+SCALES = {operator.mul: False, torch.mul: False, "mul": False, operator.imul: False, operator.truediv: True,
+          torch.div: True, "div": True, operator.itruediv: True}
+ADDS = (operator.add, torch.add, operator.iadd)
 FILL_ARGS = ("input", "mask", "value")
 # A finite masked_fill value is taken only this low: adding it to any score below 2**40 leaves it unchanged in
 # fp32, so the additive mask it becomes reproduces the fill exactly, a fully masked row included.

@@ -17,10 +17,18 @@ SPELLINGS = {
     torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input", "kn"),
     torch.matmul: (("input", "other"), "input", "other", None, "kn"),
 }
+# Batched products whose second operand may be a stack of weight matrices (MoE experts' [E, ...] parameters)
+BATCHED = tuple(op for op in (torch.bmm, getattr(torch, "_grouped_mm", None)) if op is not None)
+# Ops through which a stacked weight reaches a batched product as its layout changes
+LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "view", "reshape"}
 
 
 def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
     for node in info.gm.graph.nodes:
+        if node.op == "call_function" and node.target in BATCHED and (stack := _stacked_weight(info, node)) is not None:
+            yield Miss("linear", node, node.target.__name__, location(node),
+                       f"multiplies by a stack of {stack.shape[0]} weight matrices (a {tuple(stack.shape)} parameter, "
+                       "as MoE experts keep theirs): no candidate packs stacked weights, so they stay as they are")
         if node.op != "call_function" or node.target not in SPELLINGS:
             continue
         names, x_name, w_name, b_name, layout = SPELLINGS[node.target]
@@ -47,6 +55,16 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=bias,
             bias_param=info.parameter(bias),
         )
+
+
+def _stacked_weight(info: GraphInfo, node: fx.Node) -> torch.Tensor | None:
+    """The 3-D parameter that a batched product's second operand is, or is a transpose or view of, else None."""
+    w = node.args[1] if len(node.args) > 1 else None
+    while isinstance(w, fx.Node) and (w.op == "call_method" and w.target in LAYOUT_METHODS
+                                      or w.op == "call_function" and w.target is getattr and w.args[1] in ("mT", "T")):
+        w = w.args[0]
+    stack = info.parameter(w)
+    return stack if stack is not None and stack.dim() == 3 else None
 
 
 # Ops through which a value reaches the graph's output unchanged but for its shape or dtype (views, reshapes,

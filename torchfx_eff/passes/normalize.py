@@ -1,10 +1,13 @@
 """Canonical spellings, so each matcher looks for one target per operation."""
 from __future__ import annotations
 
+import builtins
 import operator
 
 import torch
 import torch.fx as fx
+
+from .graph import GraphInfo, bind, fake
 
 # Aliases Dynamo may leave in a graph -> the one target matchers look for.
 CANONICAL_FUNCTIONS = {
@@ -14,11 +17,15 @@ CANONICAL_FUNCTIONS = {
 }
 # Tensor methods whose torch function takes the same arguments, self first.
 CANONICAL_METHODS = {"matmul": torch.matmul, "addmm": torch.addmm, "bmm": torch.bmm}
+# x times a transposed [N, K] parameter, by target: (parameter names, name of x, of the transposed weight, of the bias)
+TRANSPOSED_WEIGHT = {torch.matmul: (("input", "other"), "input", "other", None),
+                     torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input")}
 
 
-def normalize(gm: fx.GraphModule) -> int:
-    """Rewrite aliases in place; returns how many nodes changed."""
-    changed = 0
+def normalize(info: GraphInfo) -> int:
+    """Rewrite aliases in place, then x times a transposed 2-D parameter (Falcon's `x @ self.weight.T`) as
+    F.linear(x, parameter); returns how many nodes changed."""
+    gm, changed = info.gm, 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
             target = CANONICAL_FUNCTIONS[node.target]
@@ -30,6 +37,47 @@ def normalize(gm: fx.GraphModule) -> int:
             continue
         node.op, node.target = "call_function", target
         changed += 1
+    for node in list(gm.graph.nodes):
+        changed += _as_linear(info, node)
     if changed:
         gm.recompile()
     return changed
+
+
+def _as_linear(info: GraphInfo, node: fx.Node) -> bool:
+    """Turn node into F.linear if it multiplies x by a transposed 2-D parameter (addmm: with alpha = beta = 1)."""
+    if node.op != "call_function" or node.target not in TRANSPOSED_WEIGHT:
+        return False
+    names, x_name, w_name, b_name = TRANSPOSED_WEIGHT[node.target]
+    args = bind(node, names)
+    transposed = args.get(w_name)
+    weight = _transpose_source(transposed)
+    if weight is None or info.parameter(weight) is None or info.parameter(weight).dim() != 2:
+        return False
+    if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
+        return False
+    if b_name and (fake(args.get(b_name)) is None or fake(args[b_name]).dim() != 1):
+        return False  # F.linear's bias is one value a channel
+    node.target, node.args, node.kwargs = torch._C._nn.linear, (args[x_name], weight, args.get(b_name)), {}
+    if not transposed.users:
+        info.gm.graph.erase_node(transposed)
+    return True
+
+
+def _transpose_source(node) -> fx.Node | None:
+    """The node that `node` transposes as a matrix (W.T, W.mT, W.t(), W.transpose(0, 1), W.permute(1, 0), and their
+    torch.* spellings), else None. The caller checks that it is 2-D."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    source, rest = node.args[0], [*node.args[1:], *node.kwargs.values()]
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return source if rest in (["T"], ["mT"]) else None
+    if name == "t" and not rest:
+        return source
+    if name == "transpose" and len(rest) == 2:
+        return source if {d % 2 for d in rest if isinstance(d, int)} == {0, 1} else None
+    if name == "permute":
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        return source if dims in ([1, 0], [-1, -2], [1, -2], [-1, 0]) else None
+    return None
