@@ -99,6 +99,22 @@ def test_matmul_by_a_transposed_parameter_is_a_linear_site_quantized_per_row(how
     assert sqnr_ref(_dequantized_reference(model.w_nk, x, model.b if how == "addmm" else None), out) >= 30.0
 
 
+@pytest.mark.parametrize("x_shape", [(3, K), (1, 3, K)])
+def test_parameter_times_transposed_x_is_a_linear_site(x_shape):
+    """Mamba's dt_proj spelling, W @ x.transpose(-1, -2): F.linear(x, W) transposed."""
+    torch.manual_seed(0)
+    model = Transposed("T").to(torch.bfloat16)
+    model.forward = lambda x: model.w_nk @ x.transpose(-1, -2)
+    x = torch.randn(*x_shape, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = compiled(model)(x)
+    [s] = matched("linear")
+    assert s.op == "linear" and s.hints == {"M": 3, "N": N, "K": K}
+    assert s.status == "rewritten", s.reason
+    assert out.shape == (*x_shape[:-2], N, 3)
+    assert sqnr_ref(_dequantized_reference(model.w_nk, x).transpose(-1, -2), out) >= 30.0
+
+
 def test_matmul_by_a_transposed_activation_is_not_a_linear_site():
     def f(a, b):
         return torch.relu(a @ b.T)

@@ -5,7 +5,7 @@
 import pytest
 import torch
 import transformers as T
-from helpers import compiled, count_calls, found_sites, matched, sites
+from helpers import compiled, count_calls, found_sites, linear_modules, matched, sites, sqnr_ref
 
 import torchfx_eff
 
@@ -93,3 +93,70 @@ def test_gemma2_eager_softcap_is_matched_with_the_configs_cap_and_kept_on_cpu():
         [sdpa] = [c for c in r.candidates if c.name == "sdpa_cpu"]
         assert not sdpa.applicable and "softcap" in sdpa.reason
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# model_type -> config overrides beyond TINY: MoE sizes, other names for the layer counts, vision sizes
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SEQ2SEQ = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=128, decoder_ffn_dim=128, d_model=64)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+ZOO = {
+    "phi3": {}, "phi": {}, "gpt_neox": {}, "opt": {}, "bloom": {}, "stablelm": {}, "gptj": dict(rotary_dim=8),
+    "codegen": dict(rotary_dim=8),
+    "qwen3": {}, "olmo2": {}, "cohere": {}, "starcoder2": {}, "granite": {}, "gpt_bigcode": {}, "persimmon": {},
+    "gemma": {}, "glm4": {}, "smollm3": {}, "ernie4_5": {}, "exaone4": {}, "cohere2": {}, "nemotron": {},
+    "mamba": dict(state_size=8), "mixtral": MOE, "phimoe": MOE, "granitemoe": MOE,
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    "llama4_text": {}, "bart": SEQ2SEQ, "pegasus": SEQ2SEQ, "m2m_100": SEQ2SEQ, "roberta": {}, "electra": {},
+    "albert": {}, "distilbert": {}, "deberta-v2": {}, "clip_text_model": {}, "siglip_vision_model": dict(image_size=32, patch_size=8),
+    "wav2vec2": {},
+}
+
+
+def _auto_model(model_type: str):
+    """A tiny random-init model of model_type (its causal-LM head where it has one) and inputs for it, in fp32;
+    SDPA attention where the model offers it, else eager."""
+    import transformers as T
+
+    cfg = T.AutoConfig.for_model(model_type, **{**TINY, **ZOO[model_type]})
+    auto = next(a for a in (T.AutoModelForCausalLM, T.AutoModelForSeq2SeqLM, T.AutoModel) if type(cfg) in a._model_mapping)
+    try:
+        model = auto.from_config(cfg, attn_implementation="sdpa")
+    except ValueError:  # "does not support an attention implementation through ... scaled_dot_product_attention"
+        model = auto.from_config(cfg, attn_implementation="eager")
+    ids = torch.randint(3, 100, (1, 8))
+    name = type(model).__name__
+    if "Vision" in name:
+        return model.eval(), {"pixel_values": torch.randn(1, 3, 32, 32)}
+    if "Wav2Vec2" in name:
+        return model.eval(), {"input_values": torch.randn(1, 4000)}
+    if cfg.is_encoder_decoder:
+        return model.eval(), {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    return model.eval(), {"input_ids": ids}
+
+
+@pytest.mark.parametrize("model_type", ZOO)
+def test_every_linear_layer_is_a_linear_site(model_type):
+    """Every nn.Linear the model calls is matched as a linear site holding that very parameter (also where the
+    module's weight is used directly: Mamba's dt_proj.weight @ x.transpose(1, 2)); stacked MoE expert weights are
+    reported missed with a reason; nothing falls back whole, and the outputs match."""
+    torch.manual_seed(0)
+    model, inputs = _auto_model(model_type)
+    called = set()
+    hooks = [m.register_forward_hook(lambda m, *_: called.add(m)) for m in linear_modules(model)]
+    with torch.no_grad():
+        ref = _main_output(model(**inputs))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad(), found_sites("linear") as found:
+        out = _main_output(compiled(model)(**inputs))
+    assert sites("graph") == [], torchfx_eff.last_report()
+    site_weights = {id(s.weight) for s in found if isinstance(s, torchfx_eff.passes.LinearSite)}
+    unmatched = [n for n, m in model.named_modules() if m in called and id(m.weight) not in site_weights]
+    assert unmatched == [], torchfx_eff.last_report()
+    misses = sites("linear", "missed")
+    assert all("stack of" in m.reason for m in misses), misses
+    assert bool(misses) == any(p.dim() == 3 for n, p in model.named_parameters() if "expert" in n)
+    assert sqnr_ref(ref, out) >= 30.0

@@ -17,15 +17,16 @@ SPELLINGS = {
     torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input", "kn"),
     torch.matmul: (("input", "other"), "input", "other", None, "kn"),
 }
-# Batched products whose second operand may be a stack of weight matrices (MoE experts' [E, ...] parameters)
-BATCHED = tuple(op for op in (torch.bmm, getattr(torch, "_grouped_mm", None)) if op is not None)
+# Batched products whose second operand may be a stack of weight matrices (MoE experts' [E, ...] parameters): bmm,
+# and grouped products by name (torch._grouped_mm, and transformers' grouped_mm_fallback where that has no kernel)
+BATCHED = (torch.bmm,)
 # Ops through which a stacked weight reaches a batched product as its layout changes
 LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "view", "reshape"}
 
 
 def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
     for node in info.gm.graph.nodes:
-        if node.op == "call_function" and node.target in BATCHED and (stack := _stacked_weight(info, node)) is not None:
+        if _is_batched_product(node) and (stack := _stacked_weight(info, node)) is not None:
             yield Miss("linear", node, node.target.__name__, location(node),
                        f"multiplies by a stack of {stack.shape[0]} weight matrices (a {tuple(stack.shape)} parameter, "
                        "as MoE experts keep theirs): no candidate packs stacked weights, so they stay as they are")
@@ -55,6 +56,10 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=bias,
             bias_param=info.parameter(bias),
         )
+
+
+def _is_batched_product(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in BATCHED or "grouped_mm" in getattr(node.target, "__name__", ""))
 
 
 def _stacked_weight(info: GraphInfo, node: fx.Node) -> torch.Tensor | None:

@@ -24,7 +24,8 @@ TRANSPOSED_WEIGHT = {torch.matmul: (("input", "other"), "input", "other", None),
 
 def normalize(info: GraphInfo) -> int:
     """Rewrite aliases in place, then x times a transposed 2-D parameter (Falcon's `x @ self.weight.T`) as
-    F.linear(x, parameter); returns how many nodes changed."""
+    F.linear(x, parameter), and a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`) as
+    F.linear(x, parameter) transposed; returns how many nodes changed."""
     gm, changed = info.gm, 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
@@ -38,7 +39,7 @@ def normalize(info: GraphInfo) -> int:
         node.op, node.target = "call_function", target
         changed += 1
     for node in list(gm.graph.nodes):
-        changed += _as_linear(info, node)
+        changed += _as_linear(info, node) or _as_transposed_linear(info, node)
     if changed:
         gm.recompile()
     return changed
@@ -51,7 +52,7 @@ def _as_linear(info: GraphInfo, node: fx.Node) -> bool:
     names, x_name, w_name, b_name = TRANSPOSED_WEIGHT[node.target]
     args = bind(node, names)
     transposed = args.get(w_name)
-    weight = _transpose_source(transposed)
+    weight = _transpose_source(transposed, 2)
     if weight is None or info.parameter(weight) is None or info.parameter(weight).dim() != 2:
         return False
     if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
@@ -64,20 +65,42 @@ def _as_linear(info: GraphInfo, node: fx.Node) -> bool:
     return True
 
 
-def _transpose_source(node) -> fx.Node | None:
-    """The node that `node` transposes as a matrix (W.T, W.mT, W.t(), W.transpose(0, 1), W.permute(1, 0), and their
-    torch.* spellings), else None. The caller checks that it is 2-D."""
+def _as_transposed_linear(info: GraphInfo, node: fx.Node) -> bool:
+    """Turn matmul(W, x.mT) (W a 2-D parameter) into F.linear(x, W).mT."""
+    if node.op != "call_function" or node.target is not torch.matmul or len(node.args) != 2 or node.kwargs:
+        return False
+    weight, transposed = node.args
+    w, out = info.parameter(weight), fake(node)
+    if w is None or w.dim() != 2 or out is None or fake(transposed) is None or fake(transposed).dim() < 2:
+        return False
+    if (x := _transpose_source(transposed, fake(transposed).dim())) is None:
+        return False
+    node.target, node.args = torch._C._nn.linear, (x, weight)
+    with info.gm.graph.inserting_after(node):
+        back = info.gm.graph.call_method("transpose", (node, -1, -2))
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+    back.meta["example_value"] = out
+    node.meta["example_value"] = out.transpose(-1, -2)
+    if not transposed.users:
+        info.gm.graph.erase_node(transposed)
+    return True
+
+
+def _transpose_source(node, ndim: int) -> fx.Node | None:
+    """The node that `node` transposes, if it swaps the last two of ndim dimensions and nothing else (W.T, W.mT, W.t(),
+    W.transpose(0, 1), W.permute(1, 0), x.transpose(1, 2) of a 3-D x, and their torch.* spellings), else None."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
         return None
     source, rest = node.args[0], [*node.args[1:], *node.kwargs.values()]
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    last_two = lambda dims: all(isinstance(d, int) for d in dims) and [d % ndim for d in dims]
     if node.op == "call_function" and node.target is builtins.getattr:
-        return source if rest in (["T"], ["mT"]) else None
+        return source if rest == ["mT"] or rest == ["T"] and ndim == 2 else None
     if name == "t" and not rest:
-        return source
+        return source if ndim == 2 else None
     if name == "transpose" and len(rest) == 2:
-        return source if {d % 2 for d in rest if isinstance(d, int)} == {0, 1} else None
+        return source if sorted(last_two(rest) or []) == [ndim - 2, ndim - 1] else None
     if name == "permute":
         dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-        return source if dims in ([1, 0], [-1, -2], [1, -2], [-1, 0]) else None
+        return source if last_two(dims) == [*range(ndim - 2), ndim - 1, ndim - 2] else None
     return None
