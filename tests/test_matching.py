@@ -29,6 +29,12 @@ class Spelled(torch.nn.Module):
             return torch.matmul(x, self.w_kn)
         if self.how == "addmm":
             return torch.addmm(self.b, x.view(-1, K), self.w_kn)
+        if self.how == "mm":
+            return torch.mm(x, self.w_kn)
+        if self.how == "einsum":
+            return torch.einsum("bk, kn -> bn", x, self.w_kn)
+        if self.how == "tensordot":
+            return torch.tensordot(x, self.w_kn, dims=1)
         raise ValueError(self.how)
 
 
@@ -38,7 +44,8 @@ def _dequantized_reference(w_nk, x, bias=None):
     return ref if bias is None else ref + bias.double()
 
 
-@pytest.mark.parametrize("how,op", [("operator", "matmul"), ("method", "matmul"), ("torch.matmul", "matmul")])
+@pytest.mark.parametrize("how,op", [("operator", "matmul"), ("method", "matmul"), ("torch.matmul", "matmul"),
+                                    ("mm", "matmul"), ("einsum", "matmul"), ("tensordot", "matmul")])
 def test_matmul_spellings_are_one_linear_site(how, op):
     model = Spelled(how).to(torch.bfloat16)
     x = torch.randn(1, K, dtype=torch.bfloat16)
@@ -50,7 +57,7 @@ def test_matmul_spellings_are_one_linear_site(how, op):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("how", ["operator", "addmm"])
+@pytest.mark.parametrize("how", ["operator", "addmm", "mm", "einsum", "tensordot"])
 def test_kn_layout_sites_compute_x_times_w(how):
     """A [K, N] weight must be quantized per output column; compare with the fp64 product of the dequantized
     transpose, so a layout mix-up (N and K swapped) cannot pass."""
@@ -81,10 +88,13 @@ class Transposed(torch.nn.Module):
         return {"T": lambda: x @ w.T, "mT": lambda: x @ w.mT, "t()": lambda: x @ w.t(),
                 "torch.t": lambda: torch.matmul(x, torch.t(w)), "transpose": lambda: x @ w.transpose(0, 1),
                 "transpose(-1, -2)": lambda: x.matmul(w.transpose(-1, -2)), "permute": lambda: x @ w.permute(1, 0),
-                "addmm": lambda: torch.addmm(self.b, x.view(-1, K), w.T)}[self.how]()
+                "addmm": lambda: torch.addmm(self.b, x.view(-1, K), w.T),
+                "einsum": lambda: torch.einsum("...k,nk->...n", x, w),
+                "einsum, weight first": lambda: torch.einsum("nk,blk->bln", w, x)}[self.how]()
 
 
-@pytest.mark.parametrize("how", ["T", "mT", "t()", "torch.t", "transpose", "transpose(-1, -2)", "permute", "addmm"])
+@pytest.mark.parametrize("how", ["T", "mT", "t()", "torch.t", "transpose", "transpose(-1, -2)", "permute", "addmm", "einsum",
+                                 "einsum, weight first"])
 def test_matmul_by_a_transposed_parameter_is_a_linear_site_quantized_per_row(how):
     """The parameter is [N, K] as F.linear's: quantized per row (its output channels), checked against the fp64
     product of the dequantized rows, so that a layout mix-up cannot pass."""
@@ -113,6 +123,31 @@ def test_parameter_times_transposed_x_is_a_linear_site(x_shape):
     assert s.status == "rewritten", s.reason
     assert out.shape == (*x_shape[:-2], N, 3)
     assert sqnr_ref(_dequantized_reference(model.w_nk, x).transpose(-1, -2), out) >= 30.0
+
+
+class UntakenProducts(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.randn(K, N) / K ** 0.5)
+        self.mha = torch.nn.MultiheadAttention(K, 4, batch_first=True)
+
+    def forward(self, x):
+        if self.how == "W.T @ x.T":  # (x @ W).T: the parameter on the left, transposed
+            return self.w.T @ x[0].T
+        return self.mha(x, x, x, need_weights=False)[0]  # its projections are inside one fused function
+
+
+@pytest.mark.parametrize("how,op,param", [("W.T @ x.T", "matmul", "w"),
+                                         ("mha", "multi_head_attention_forward", "in_proj_weight")])
+def test_products_by_a_parameter_in_other_forms_are_missed_with_reason(how, op, param):
+    model = UntakenProducts(how).to(torch.bfloat16).eval()
+    x = torch.randn(1, 3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled(model)(x)
+    [miss] = sites("linear")
+    assert miss.status == "missed" and miss.op == op
+    assert "in a form that no linear spelling takes" in miss.reason and param in miss.reason
 
 
 def test_matmul_by_a_transposed_activation_is_not_a_linear_site():

@@ -17,20 +17,20 @@ SPELLINGS = {
     torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input", "kn"),
     torch.matmul: (("input", "other"), "input", "other", None, "kn"),
 }
-# Batched products whose second operand may be a stack of weight matrices (MoE experts' [E, ...] parameters): bmm,
-# and grouped products by name (torch._grouped_mm, and transformers' grouped_mm_fallback where that has no kernel)
-BATCHED = (torch.bmm,)
-# Ops through which a stacked weight reaches a batched product as its layout changes
+# Products by a parameter that are no linear spelling: each is reported missed (by target, or by method or function
+# name: transformers' grouped_mm_fallback, MoE experts' grouped product where torch has no kernel)
+PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.tensordot,
+            torch.nn.functional.multi_head_attention_forward, torch._native_multi_head_attention}
+PRODUCT_NAMES = {"baddbmm", "addbmm", "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+# Ops through which a parameter reaches a product as its layout changes
 LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "view", "reshape"}
 
 
 def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
     for node in info.gm.graph.nodes:
-        if _is_batched_product(node) and (stack := _stacked_weight(info, node)) is not None:
-            yield Miss("linear", node, node.target.__name__, location(node),
-                       f"multiplies by a stack of {stack.shape[0]} weight matrices (a {tuple(stack.shape)} parameter, "
-                       "as MoE experts keep theirs): no candidate packs stacked weights, so they stay as they are")
         if node.op != "call_function" or node.target not in SPELLINGS:
+            if (miss := _product_miss(info, node)) is not None:
+                yield miss
             continue
         names, x_name, w_name, b_name, layout = SPELLINGS[node.target]
         args = bind(node, names)
@@ -40,6 +40,8 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             # matmul/addmm of two activations is attention or plain math, not a linear layer
             if node.target is torch._C._nn.linear:
                 yield Miss("linear", node, op, where, "weight is computed at run time, not a parameter, so it cannot be packed at compile time")
+            elif (miss := _product_miss(info, node)) is not None:
+                yield miss
             continue
         if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
             yield Miss("linear", node, op, where, "addmm with beta or alpha other than 1")
@@ -58,18 +60,24 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
         )
 
 
-def _is_batched_product(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.target in BATCHED or "grouped_mm" in getattr(node.target, "__name__", ""))
-
-
-def _stacked_weight(info: GraphInfo, node: fx.Node) -> torch.Tensor | None:
-    """The 3-D parameter that a batched product's second operand is, or is a transpose or view of, else None."""
-    w = node.args[1] if len(node.args) > 1 else None
-    while isinstance(w, fx.Node) and (w.op == "call_method" and w.target in LAYOUT_METHODS
-                                      or w.op == "call_function" and w.target is getattr and w.args[1] in ("mT", "T")):
-        w = w.args[0]
-    stack = info.parameter(w)
-    return stack if stack is not None and stack.dim() == 3 else None
+def _product_miss(info: GraphInfo, node: fx.Node) -> Miss | None:
+    """Why a product by a parameter (PRODUCTS) is no linear site, or None if node is none."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_function", "call_method") or not (node.target in PRODUCTS or name in PRODUCT_NAMES):
+        return None
+    for operand in node.all_input_nodes:
+        while operand.op == "call_method" and operand.target in LAYOUT_METHODS or (
+                operand.op == "call_function" and operand.target is getattr and operand.args[1] in ("mT", "T")):
+            operand = operand.args[0]
+        if (p := info.parameter(operand)) is not None and p.dim() == 3:
+            return Miss("linear", node, name, location(node),
+                        f"multiplies by a stack of {p.shape[0]} weight matrices (a {tuple(p.shape)} parameter, as MoE "
+                        "experts keep theirs): no candidate packs stacked weights, so they stay as they are")
+        if p is not None and p.dim() >= 2:
+            return Miss("linear", node, name, location(node),
+                        f"multiplies by the parameter {operand.target} {tuple(p.shape)} in a form that no linear spelling "
+                        "takes (F.linear, x @ W, x @ W.T, W @ x.mT, addmm, mm, einsum or tensordot of x and W)")
+    return None
 
 
 # Ops through which a value reaches the graph's output unchanged but for its shape or dtype (views, reshapes,

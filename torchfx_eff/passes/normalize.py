@@ -14,18 +14,21 @@ CANONICAL_FUNCTIONS = {
     operator.matmul: torch.matmul,
     torch.Tensor.matmul: torch.matmul,
     torch.Tensor.addmm: torch.addmm,
+    torch.mm: torch.matmul,  # 2-D operands only, where matmul is mm
+    torch.Tensor.mm: torch.matmul,
 }
 # Tensor methods whose torch function takes the same arguments, self first.
-CANONICAL_METHODS = {"matmul": torch.matmul, "addmm": torch.addmm, "bmm": torch.bmm}
+CANONICAL_METHODS = {"matmul": torch.matmul, "addmm": torch.addmm, "bmm": torch.bmm, "mm": torch.matmul}
 # x times a transposed [N, K] parameter, by target: (parameter names, name of x, of the transposed weight, of the bias)
 TRANSPOSED_WEIGHT = {torch.matmul: (("input", "other"), "input", "other", None),
                      torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input")}
 
 
 def normalize(info: GraphInfo) -> int:
-    """Rewrite aliases in place, then x times a transposed 2-D parameter (Falcon's `x @ self.weight.T`) as
-    F.linear(x, parameter), and a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`) as
-    F.linear(x, parameter) transposed; returns how many nodes changed."""
+    """Rewrite aliases in place, then linears spelled otherwise as F.linear or matmul: x times a transposed 2-D
+    parameter (Falcon's `x @ self.weight.T`), a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`,
+    then transposed back), einsum("...k,kn->...n") or ("...k,nk->...n") with a parameter, tensordot(x, W, dims=1).
+    Returns how many nodes changed."""
     gm, changed = info.gm, 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
@@ -39,7 +42,8 @@ def normalize(info: GraphInfo) -> int:
         node.op, node.target = "call_function", target
         changed += 1
     for node in list(gm.graph.nodes):
-        changed += _as_linear(info, node) or _as_transposed_linear(info, node)
+        changed += (_as_linear(info, node) or _as_transposed_linear(info, node) or _einsum_as_linear(info, node)
+                    or _tensordot_as_matmul(info, node))
     if changed:
         gm.recompile()
     return changed
@@ -83,6 +87,44 @@ def _as_transposed_linear(info: GraphInfo, node: fx.Node) -> bool:
     node.meta["example_value"] = out.transpose(-1, -2)
     if not transposed.users:
         info.gm.graph.erase_node(transposed)
+    return True
+
+
+def _einsum_as_linear(info: GraphInfo, node: fx.Node) -> bool:
+    """einsum of x and a 2-D parameter (either order) contracting x's last index with one of the parameter's, the
+    output x's other indices then the parameter's other one: matmul(x, W) ("kn") or F.linear(x, W) ("nk")."""
+    if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or not isinstance(node.args[0], str):
+        return False
+    operands = list(node.args[1][0:] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:])
+    equation = node.args[0].replace(" ", "")
+    if len(operands) != 2 or "->" not in equation or equation.count(",") != 1:
+        return False
+    (first, second), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    w_at = next((i for i, o in enumerate(operands) if (w := info.parameter(o)) is not None and w.dim() == 2), None)
+    if w_at is None:
+        return False
+    x, sx, sw = operands[1 - w_at], (first, second)[1 - w_at], (first, second)[w_at]
+    letters = sx.replace("...", "")
+    if len(sw) != 2 or len(set(sw)) != 2 or not letters or len(set(letters)) != len(letters) or "." in letters:
+        return False
+    k = sx[-1]
+    n = sw.replace(k, "")
+    if k not in sw or len(n) != 1 or n in sx or out != sx[:-1] + n:
+        return False
+    w = operands[w_at]
+    node.target, node.args = (torch.matmul, (x, w)) if sw == k + n else (torch._C._nn.linear, (x, w))
+    return True
+
+
+def _tensordot_as_matmul(info: GraphInfo, node: fx.Node) -> bool:
+    """tensordot(x, W, dims=1) with W a 2-D parameter: x's last index against W's first, matmul(x, W)."""
+    if node.op != "call_function" or node.target is not torch.tensordot:
+        return False
+    args = bind(node, ("a", "b", "dims"))
+    w = info.parameter(args.get("b"))
+    if w is None or w.dim() != 2 or args.get("dims") != 1 or set(args) != {"a", "b", "dims"}:
+        return False
+    node.target, node.args, node.kwargs = torch.matmul, (args["a"], args["b"]), {}
     return True
 
 
