@@ -372,6 +372,23 @@ TAKEN = {
 }
 
 
+def test_eager_attention_with_baddbmm_scores_is_missed_with_reason():
+    """BLOOM adds its ALiBi bias inside the score product: alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(D))."""
+    def bloom_like(m, q, k, v, **x):
+        q3, k3, v3 = (t.flatten(0, 1) for t in (q, k, v))
+        alibi = torch.arange(L, dtype=q.dtype).expand(B * H, 1, L)
+        scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(1, 2), beta=1.0, alpha=S)
+        return torch.bmm(F.softmax(scores, dim=-1), v3).view(B, H, L, D)
+
+    model, args = EagerAttention(bloom_like).eval(), _attention_inputs(L)
+    with torch.no_grad():
+        ref = model(*args)
+        out = compiled(model)(*args)
+    [miss] = sites("attention")
+    assert miss.status == "missed" and "baddbmm" in miss.reason
+    assert torch.equal(out, ref)
+
+
 def _the_site(found):
     [site] = [s for s in found if not isinstance(s, Miss)]
     return site

@@ -21,8 +21,12 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
     for node in info.gm.graph.nodes:
         if node.op == "call_function" and node.target is SDPA:
             yield _sdpa_site(node)
-        elif _is_softmax(node) and _near(node, "up", 10, _is_matmul) and _near(node, "down", 4, _is_matmul):
-            yield _eager_site(node)
+        elif _is_softmax(node) and _near(node, "down", 4, _is_matmul):
+            if _near(node, "up", 10, _is_matmul):
+                yield _eager_site(node)
+            elif _near(node, "up", 10, _is_baddbmm):
+                yield Miss("attention", node, "eager", location(node), "eager attention not taken: its scores come "
+                           "from baddbmm (a bias added inside the score product, as BLOOM's ALiBi)")
 
 
 def _unrepeat(node) -> tuple[fx.Node, int, list[fx.Node]] | None:
@@ -353,6 +357,10 @@ def _is_softmax(n: fx.Node) -> bool:
 
 def _is_matmul(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in MATMULS
+
+
+def _is_baddbmm(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target is torch.baddbmm) or (n.op == "call_method" and n.target == "baddbmm")
 
 
 def _near(node: fx.Node, direction: str, depth: int, pred) -> bool:
