@@ -95,7 +95,7 @@ def _einsum_as_linear(info: GraphInfo, node: fx.Node) -> bool:
     output x's other indices then the parameter's other one: matmul(x, W) ("kn") or F.linear(x, W) ("nk")."""
     if node.op != "call_function" or node.target is not torch.einsum or node.kwargs or not isinstance(node.args[0], str):
         return False
-    operands = list(node.args[1][0:] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:])
+    operands = list(node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:])
     equation = node.args[0].replace(" ", "")
     if len(operands) != 2 or "->" not in equation or equation.count(",") != 1:
         return False
