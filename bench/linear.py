@@ -19,7 +19,7 @@ from triton.testing import do_bench_cudagraph
 import torchfx_eff
 from torchfx_eff import cost, kernels
 from torchfx_eff.kernels import weight_only_triton
-from torchfx_eff.passes.sites import LinearSite
+from torchfx_eff.passes.sites import ExpertsSite, LinearSite
 
 from models import llama
 
@@ -239,6 +239,40 @@ def crossover_rows(modes=tuple(TUNED_GEMVS)) -> list[dict]:
                              "dispatched": "gemv" if M <= default else "gemm"})
             del x
         del ws
+    return rows
+
+
+# Mixtral 8x7B's expert stacks as (E, N, K): gate/up fused, down
+EXPERT_STACKS = [(8, 28672, 4096), (8, 4096, 14336)]
+EXPERT_TOKENS = [1, 16, 512]  # routed top-2: 2, 32 and 1024 rows
+
+
+def experts_rows() -> list[dict]:
+    """The int8 experts kernel against torch._grouped_mm over the same bf16 stack (cuBLAS/CUTLASS grouped GEMM), both
+    over rows routed round-robin (at one token two experts have rows, so two experts' weights are read). Value: the
+    bytes of the weights read over the kernel's time."""
+    impl = next(i for i in kernels.implementations("experts") if i.name == "int8_weight_only")
+    rows = []
+    for E, N, K in EXPERT_STACKS:
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        for tokens in EXPERT_TOKENS:
+            S = 2 * tokens
+            counts = torch.bincount(torch.arange(S) % E, minlength=E)
+            offs = counts.cumsum(0).to(torch.int32).cuda()
+            x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
+            site = ExpertsSite(node=None, op="grouped_mm", location="bench", dtype=x.dtype, device=x.device,
+                               dims={k: sympy.Integer(v) for k, v in dict(S=S, E=E, N=N, K=K, A=min(E, S)).items()},
+                               x=x, offs=offs, weight=w, weight_name="w", weight_layout="enk")
+            rep = impl.replace(site)
+            ours = _ms([lambda: rep.op(*rep.args, **rep.kwargs)])
+            anchor = _ms([lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)])
+            read = min(E, S) * N * K
+            rows.append({"name": f"experts E={E} N={N} K={K} S={S} int8_weight_only", "value": read / ours / 1e9,
+                         "unit": "TB/s (int8 weights read)", "ms": ours, "anchor": "torch._grouped_mm bf16",
+                         "anchor_value": 2 * read / anchor / 1e9 if anchor else None, "anchor_ms": anchor,
+                         "ratio": anchor / ours if anchor else None})
+            del x, rep
+        del w
     return rows
 
 
@@ -476,6 +510,7 @@ def gpu_linear(args) -> list[dict]:
     rows += chain_rows() if "chain" in args.parts else []
     rows += tuner_rows() if "tuner" in args.parts else []
     rows += crossover_rows() if "crossover" in args.parts else []
+    rows += experts_rows() if "experts" in args.parts else []
     return rows + (decode_rows(modes=modes) if "e2e" in args.parts else [])
 
 

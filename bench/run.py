@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default=None,
-                        help="gpu_attention: kernels, decode, e2e; gpu_linear: kernels, chain, e2e, tuner, crossover; or several "
+                        help="gpu_attention: kernels, decode, e2e; gpu_linear: kernels, chain, e2e, tuner, crossover, experts; or several "
                              "(default: all but tuner; a subset names its file)")
     parser.add_argument("--modes", default="",
                         help="cpu_quality, cpu_graph_budget, gpu_linear: comma-separated linear modes (default: all; a subset names its "

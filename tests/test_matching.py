@@ -159,34 +159,6 @@ def test_matmul_by_a_transposed_activation_is_not_a_linear_site():
     assert sites("linear") == []
 
 
-class Experts(torch.nn.Module):
-    """MoE experts as transformers keeps them: one [E, N, K] parameter, each expert's tokens multiplied by its matrix
-    in one batched product (bmm over [E, T, K], or _grouped_mm over tokens sorted by expert)."""
-
-    def __init__(self, how, experts=4):
-        super().__init__()
-        self.how = how
-        self.w = torch.nn.Parameter(torch.randn(experts, N, K) / K ** 0.5)
-
-    def forward(self, x):
-        if self.how == "bmm":
-            return torch.bmm(x, self.w.transpose(1, 2))
-        offs = torch.tensor([2, 4, 6, 8], dtype=torch.int32)  # each expert's last token + 1
-        return torch._grouped_mm(x.flatten(0, 1), self.w.transpose(-2, -1), offs=offs)
-
-
-@pytest.mark.parametrize("how", ["bmm", "grouped_mm"])
-def test_stacked_expert_weights_are_missed_with_reason(how):
-    model = Experts(how).to(torch.bfloat16)
-    x = torch.randn(4, 2, K, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = model(x)
-        out = compiled(model)(x)
-    [miss] = sites("linear")
-    assert miss.status == "missed" and "stack of 4 weight matrices" in miss.reason and str((4, N, K)) in miss.reason
-    assert torch.equal(out, ref)
-
-
 def test_linear_with_runtime_weight_is_missed_with_reason():
     class RuntimeWeight(torch.nn.Module):
         def __init__(self):

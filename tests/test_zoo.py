@@ -140,9 +140,9 @@ def _auto_model(model_type: str):
 @pytest.mark.parametrize("model_type", ZOO)
 def test_every_linear_layer_is_a_linear_site(model_type):
     """Every nn.Linear the model calls is matched as a linear site holding that very parameter (also where the
-    module's weight is used directly: Mamba's dt_proj.weight @ x.transpose(1, 2)); stacked MoE expert weights and
-    nn.MultiheadAttention's projections are reported missed with a reason; nothing falls back whole, and the outputs
-    match."""
+    module's weight is used directly: Mamba's dt_proj.weight @ x.transpose(1, 2)); every stack of MoE expert weights
+    is an experts site; nn.MultiheadAttention's projections are reported missed with a reason; nothing falls back
+    whole, and the outputs match."""
     torch.manual_seed(0)
     model, inputs = _auto_model(model_type)
     called = set()
@@ -151,15 +151,16 @@ def test_every_linear_layer_is_a_linear_site(model_type):
         ref = _main_output(model(**inputs))
     for h in hooks:
         h.remove()
-    with torch.no_grad(), found_sites("linear") as found:
+    with torch.no_grad(), found_sites("linear") as found, found_sites("experts") as experts:
         out = _main_output(compiled(model)(**inputs))
     assert sites("graph") == [], torchfx_eff.last_report()
     site_weights = {id(s.weight) for s in found if isinstance(s, torchfx_eff.passes.LinearSite)}
     unmatched = [n for n, m in model.named_modules() if m in called and id(m.weight) not in site_weights]
     assert unmatched == [], torchfx_eff.last_report()
-    misses = sites("linear", "missed")
-    stacks = [m for m in misses if "stack of" in m.reason]
-    assert bool(stacks) == any(p.dim() == 3 for n, p in model.named_parameters() if "expert" in n)
+    # every stack of MoE expert weights is an experts site
+    stacks = {id(p) for n, p in model.named_parameters() if p.dim() == 3 and "expert" in n}  # not conv kernels
+    assert {id(s.weight) for s in experts if isinstance(s, torchfx_eff.passes.ExpertsSite)} == stacks
+    assert sites("experts", "missed") == []
     # nn.MultiheadAttention (SigLIP's pooling head) computes its projections inside one function
-    assert all(m.op == "multi_head_attention_forward" for m in misses if m not in stacks), misses
+    assert all(m.op == "multi_head_attention_forward" for m in sites("linear", "missed")), torchfx_eff.last_report()
     assert sqnr_ref(ref, out) >= 30.0

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from . import cost, gate, kernels, memory, passes, report
-from .config import Config
+from .config import FAMILIES, Config
 from .report import SiteRecord
 from .passes.siblings import copies_read_as_is, separately
 from .rewrite import Rewriter, rows_dispatch
@@ -74,7 +74,7 @@ class Backend:
 
     def __init__(self, config: Config | None = None):
         self.config = config or Config.from_env()
-        for kind in ("attention", "linear"):
+        for kind in FAMILIES:
             setting = self.config.family(kind)
             unknown = set(setting) - set(kernels.names(kind)) if isinstance(setting, tuple) else set()
             if unknown:
@@ -305,7 +305,7 @@ class Backend:
 
     def _ranked(self, site, cands):
         # with release_weights, a packed linear may be slower: an original that a graph keeps stays resident
-        return cost.ranked(cands, memory_first=self.config.release_weights and site.kind == "linear")
+        return cost.ranked(cands, memory_first=self.config.release_weights and site.kind in report.PACKED_KINDS)
 
     def _check(self, site, impl, values, fused: bool) -> tuple[kernels.Replacement | None, float | None, str | None]:
         """impl's replacement for the site (computing its epilogue too when fused), its SQNR and why it failed the

@@ -9,6 +9,7 @@ from typing import Union
 ACCURACY = ("lossless", "balanced", "aggressive")
 INNER = ("inductor", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")  # Inductor's modes
 FAMILY_MODES = ("auto", "off")
+FAMILIES = ("attention", "linear", "experts")  # site kinds with a field of their own
 CUDA_GRAPHS = ("auto", "on", "off")
 BOOLEANS = ("calibrate", "strict", "check_outputs", "fuse_epilogues", "fuse_norms", "release_weights",
             "output_linear_8bit", "combo_kernels")
@@ -35,7 +36,8 @@ def _family(field: str, value) -> FamilyChoice:
 class Config:
     """What torchfx_eff may rewrite and how hard it may try.
 
-    attention, linear: "auto" (cost model chooses), "off", or a tuple of allowed candidate names.
+    attention, linear, experts: "auto" (cost model chooses), "off", or a tuple of allowed candidate names, per site
+        family (experts: products by MoE experts' stacked weights).
     accuracy: per-site error budget, checked by the numerics gate.
     inner: compiler for the rewritten graph: Inductor (optionally in one of torch.compile's modes) or eager.
     cuda_graphs: whether the compiled graph runs replayed from CUDA graphs, where no Python dispatches a custom op
@@ -78,6 +80,7 @@ class Config:
 
     attention: FamilyChoice = "auto"
     linear: FamilyChoice = "auto"
+    experts: FamilyChoice = "auto"
     accuracy: str = "balanced"
     inner: str = "inductor"
     cuda_graphs: str = "auto"
@@ -95,8 +98,8 @@ class Config:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass
-        set_("attention", _family("attention", self.attention))
-        set_("linear", _family("linear", self.linear))
+        for field in FAMILIES:
+            set_(field, _family(field, getattr(self, field)))
         _choice("accuracy", self.accuracy, ACCURACY)
         _choice("inner", self.inner, INNER)
         _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPHS)
@@ -136,7 +139,7 @@ class Config:
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(f"TORCHFX_EFF_{f.name.upper()}={raw!r} is not allowed; use 1/0/true/false")
                 values[f.name] = raw.lower() in ("1", "true", "yes")
-            elif f.name in ("attention", "linear") and raw not in FAMILY_MODES:
+            elif f.name in FAMILIES and raw not in FAMILY_MODES:
                 values[f.name] = tuple(s.strip() for s in raw.split(",") if s.strip())
             else:
                 values[f.name] = raw

@@ -34,7 +34,7 @@ from . import report
 from .cache import cache_dir
 from .passes.graph import location
 from .report import SiteRecord
-from .report.records import FUSED_COPY_PREFIX
+from .report.records import FUSED_COPY_PREFIX, PACKED_KINDS
 
 log = logging.getLogger("torchfx_eff")
 CHUNK = 64 * 2**20  # bytes staged at a time between a CPU tensor and its file
@@ -225,7 +225,7 @@ def settle(graph, graph_id: int, runs: fx.GraphModule, rewritten: fx.GraphModule
                                   weight_bytes=(t.nbytes, 0 if status == "released" else t.nbytes)))
     resident = {r.op: r.weight_bytes[1] for r in decided}
     for r in records:
-        if r.kind == "linear" and r.status == "rewritten" and r.weight_bytes:
+        if r.kind in PACKED_KINDS and r.status == "rewritten" and r.weight_bytes:
             r.resident_bytes = (r.weight_bytes[0], r.weight_bytes[1] + sum(resident.get(n, 0) for n in r.packed))
     if cpu_released:
         _trim()

@@ -31,10 +31,32 @@ def linear_dense(site, spec: DeviceSpec) -> sympy.Expr:
 def linear_int8_weight_only(site, spec: DeviceSpec) -> sympy.Expr:
     """int8 weights + per-channel bf16 scales; activations cast to bf16 when they are not bf16 already."""
     M, N, K = (site.dims[d] for d in "MNK")
-    cost = roofline(2 * M * N * K, N * K + 2 * N + 2 * (M * K + M * N), spec, torch.bfloat16, "int8pack")
+    return _int8pack(site, spec, M, N, K)
+
+
+def _int8pack(site, spec: DeviceSpec, M, N, K, matrices=1) -> sympy.Expr:
+    """ATen's int8pack_mm once per weight matrix over M rows in all, with bf16 activations (others cast around it)."""
+    cost = roofline(2 * M * N * K, matrices * (N * K + 2 * N) + 2 * (M * K + M * N), spec, torch.bfloat16, "int8pack",
+                    launches=matrices)
     if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
         cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)
     return cost
+
+
+def experts_dense(site, spec: DeviceSpec) -> sympy.Expr:
+    """MoE experts' product as spelled: the A experts' weights read in the site's dtype, S rows in and out."""
+    S, A, N, K = (site.dims[d] for d in "SANK")
+    b = itemsize(site.dtype)
+    return roofline(2 * S * N * K, (A * N * K + S * K + S * N) * b, spec, site.dtype, f"dense_{dtype_name(site.dtype)}")
+
+
+def experts_int8_weight_only(site, spec: DeviceSpec, kernel: str) -> sympy.Expr:
+    """MoE experts with int8 weights and per-channel bf16 scales: "int8pack", ATen's kernel once per expert read;
+    otherwise the Triton kernel that `kernel` keys, activations in the site's dtype."""
+    S, A, N, K = (site.dims[d] for d in "SANK")
+    if kernel == "int8pack":
+        return _int8pack(site, spec, S, N, K, matrices=A)
+    return roofline(2 * S * N * K, A * (N * K + 2 * N) + (S * K + S * N) * itemsize(site.dtype), spec, site.dtype, kernel)
 
 
 def attention(kernel: str):

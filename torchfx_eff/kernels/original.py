@@ -6,6 +6,7 @@ from .sdpa import dispatched_cost
 always = lambda site, spec: None
 
 register(Implementation("original", "linear", always, formulas.linear_dense, replace=None))
+register(Implementation("original", "experts", always, formulas.experts_dense, replace=None))
 
 
 def attention_as_spelled(site, spec):

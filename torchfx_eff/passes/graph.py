@@ -1,6 +1,7 @@
 """What matchers need to know about a Dynamo graph: shapes, parameters, source locations."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -35,9 +36,14 @@ def hints_of(sizes) -> dict[sympy.Symbol, int]:
     return hints
 
 
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
 def location(node: fx.Node) -> str:
-    """file:line of the innermost user frame that produced the node."""
+    """file:line of the innermost frame outside torch that produced the node (F.grouped_mm's own line says nothing
+    of the model)."""
     frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    frames = [f for f in frames if not f[0].startswith(TORCH_DIR)] or frames
     return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
 
 

@@ -17,11 +17,11 @@ SPELLINGS = {
     torch.addmm: (("input", "mat1", "mat2"), "mat1", "mat2", "input", "kn"),
     torch.matmul: (("input", "other"), "input", "other", None, "kn"),
 }
-# Products by a parameter that are no linear spelling: each is reported missed (by target, or by method or function
-# name: transformers' grouped_mm_fallback, MoE experts' grouped product where torch has no kernel)
+# Products by a 2-D parameter that are no linear spelling: each is reported missed (by target, or by method name).
+# Products by a 3-D one (MoE experts' stacks) are passes/experts.py's.
 PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.addbmm, torch.einsum, torch.tensordot,
             torch.nn.functional.multi_head_attention_forward, torch._native_multi_head_attention}
-PRODUCT_NAMES = {"baddbmm", "addbmm", "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+PRODUCT_NAMES = {"baddbmm", "addbmm"}
 # Ops through which a parameter reaches a product as its layout changes
 LAYOUT_METHODS = {"transpose", "permute", "t", "contiguous", "view", "reshape"}
 
@@ -47,6 +47,8 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             yield Miss("linear", node, op, where, "addmm with beta or alpha other than 1")
             continue
         x, out = fake(args[x_name]), fake(node)
+        if weight.dim() == 3:
+            continue  # a stack of expert weights: passes/experts.py
         if x is None or out is None or weight.dim() != 2 or x.dim() < 1:
             yield Miss("linear", node, op, where, "no tensor shape metadata, or a weight that is not 2-D")
             continue
@@ -61,7 +63,7 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
 
 
 def _product_miss(info: GraphInfo, node: fx.Node) -> Miss | None:
-    """Why a product by a parameter (PRODUCTS) is no linear site, or None if node is none."""
+    """Why a product by a 2-D parameter (PRODUCTS) is no linear site, or None if node is none."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op not in ("call_function", "call_method") or not (node.target in PRODUCTS or name in PRODUCT_NAMES):
         return None
@@ -69,11 +71,7 @@ def _product_miss(info: GraphInfo, node: fx.Node) -> Miss | None:
         while operand.op == "call_method" and operand.target in LAYOUT_METHODS or (
                 operand.op == "call_function" and operand.target is getattr and operand.args[1] in ("mT", "T")):
             operand = operand.args[0]
-        if (p := info.parameter(operand)) is not None and p.dim() == 3:
-            return Miss("linear", node, name, location(node),
-                        f"multiplies by a stack of {p.shape[0]} weight matrices (a {tuple(p.shape)} parameter, as MoE "
-                        "experts keep theirs): no candidate packs stacked weights, so they stay as they are")
-        if p is not None and p.dim() >= 2:
+        if (p := info.parameter(operand)) is not None and p.dim() == 2:
             return Miss("linear", node, name, location(node),
                         f"multiplies by the parameter {operand.target} {tuple(p.shape)} in a form that no linear spelling "
                         "takes (F.linear, x @ W, x @ W.T, W @ x.mT, addmm, mm, einsum or tensordot of x and W)")

@@ -56,7 +56,7 @@ def _as_linear(info: GraphInfo, node: fx.Node) -> bool:
     names, x_name, w_name, b_name = TRANSPOSED_WEIGHT[node.target]
     args = bind(node, names)
     transposed = args.get(w_name)
-    weight = _transpose_source(transposed, 2)
+    weight = transpose_source(transposed, 2)
     if weight is None or info.parameter(weight) is None or info.parameter(weight).dim() != 2:
         return False
     if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
@@ -77,7 +77,7 @@ def _as_transposed_linear(info: GraphInfo, node: fx.Node) -> bool:
     w, out = info.parameter(weight), fake(node)
     if w is None or w.dim() != 2 or out is None or fake(transposed) is None or fake(transposed).dim() < 2:
         return False
-    if (x := _transpose_source(transposed, fake(transposed).dim())) is None:
+    if (x := transpose_source(transposed, fake(transposed).dim())) is None:
         return False
     node.target, node.args = torch._C._nn.linear, (x, weight)
     with info.gm.graph.inserting_after(node):
@@ -128,7 +128,7 @@ def _tensordot_as_matmul(info: GraphInfo, node: fx.Node) -> bool:
     return True
 
 
-def _transpose_source(node, ndim: int) -> fx.Node | None:
+def transpose_source(node, ndim: int) -> fx.Node | None:
     """The node that `node` transposes, if it swaps the last two of ndim dimensions and nothing else (W.T, W.mT, W.t(),
     W.transpose(0, 1), W.permute(1, 0), x.transpose(1, 2) of a 3-D x, and their torch.* spellings), else None."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:

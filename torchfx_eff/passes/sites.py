@@ -76,6 +76,24 @@ class LinearSite(Site):
 
 
 @dataclass
+class ExpertsSite(Site):
+    """A product by a stack of E weight matrices, one per MoE expert: rows offs[e-1]:offs[e] of x [S, K] times expert
+    e's weight (grouped_mm), or with offs None, batch e of x [E, T, K] times expert e's (bmm). dims S (rows), E, N,
+    K and A, the experts whose weights are read: min(E, S) for a grouped product (an expert no row picks is
+    skipped), E for a batched one."""
+
+    kind: ClassVar[str] = "experts"
+    x: fx.Node = None
+    offs: fx.Node | None = None
+    weight: torch.Tensor = None  # the real [E, N, K] or [E, K, N] parameter, as stored
+    weight_name: str = ""
+    weight_layout: str = "enk"  # "enk": the product reads each expert's weight transposed (as F.linear does)
+
+    def weight_enk(self) -> torch.Tensor:
+        return self.weight if self.weight_layout == "enk" else self.weight.transpose(1, 2)
+
+
+@dataclass
 class AttentionSite(Site):
     """softmax(cap(q k^T * scale) + mask) v; dims B, H, Hkv, Lq, Lk, D, Dv.
 

@@ -5,9 +5,9 @@ import itertools
 import json
 import threading
 
-from .records import STATUSES, CandidateRecord, Report, SiteRecord
+from .records import PACKED_KINDS, STATUSES, CandidateRecord, Report, SiteRecord
 
-__all__ = ["STATUSES", "CandidateRecord", "Report", "SiteRecord", "add_graph", "last_report", "new_graph_id", "reset"]
+__all__ = ["PACKED_KINDS", "STATUSES", "CandidateRecord", "Report", "SiteRecord", "add_graph", "last_report", "new_graph_id", "reset"]
 
 _lock = threading.Lock()
 _sites: list[SiteRecord] = []

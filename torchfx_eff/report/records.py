@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 # released: a "weight" record (memory.py); checked: an "outputs" record, the graph check (backend.py)
 STATUSES = ("rewritten", "kept", "fallback", "missed", "released", "checked")
 FUSED_COPY_PREFIX = "_torchfx_eff_cat_"  # names of the concatenated weights of fused sibling linears
+PACKED_KINDS = ("linear", "experts")  # site kinds whose rewrites repack their weights
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Report:
         "weight" record says (Config.release_weights releases them)."""
         latest = {s.op: s.weight_bytes for s in self.sites if s.kind == "weight"}
         packings = {(tuple(s.packed), s.chosen): s.weight_bytes[1] for s in self.sites
-                    if s.kind == "linear" and s.status == "rewritten" and s.weight_bytes}
+                    if s.kind in PACKED_KINDS and s.status == "rewritten" and s.weight_bytes}
         before = sum(b for name, (b, _) in latest.items() if not name.startswith(FUSED_COPY_PREFIX))
         return before, sum(packings.values()) + sum(r for _, r in latest.values())
 
@@ -142,7 +143,7 @@ class Report:
         lines.append(f"summary: {counts}")
         before, after = self.weight_bytes()
         if before:
-            lines.append(f"weights of rewritten linears: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB packed")
+            lines.append(f"weights of rewritten linears and experts: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB packed")
         if any(s.kind == "weight" for s in self.sites):  # logs written before weight records have none
             before, after = self.resident_bytes()
             lines.append(f"weights resident: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (packed copies and "

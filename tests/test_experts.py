@@ -1,0 +1,200 @@
+"""MoE experts: products by stacked expert weights (passes/experts.py) and their int8 weight-only rewrite
+(kernels/experts.py), checked against fp64 products of the dequantized weights and against the original graph."""
+import pytest
+import torch
+
+import torchfx_eff
+from helpers import compiled, found_sites, sites, sqnr_ref
+from torchfx_eff.kernels import experts, weight_only_triton
+from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
+
+E, N, K = 4, 256, 256
+
+
+def _packed(w_enk: torch.Tensor):
+    q, scales = quantize_per_channel(w_enk.reshape(-1, w_enk.shape[-1]))
+    return q.reshape(w_enk.shape), scales.reshape(w_enk.shape[:2])
+
+
+def _reference(x, q, scales, offs) -> torch.Tensor:
+    """fp64: rows offs[e-1]:offs[e] of x times expert e's dequantized weight, an explicit loop; rows past offs[-1] 0."""
+    w = q.double() * scales.double()[..., None]
+    out, start = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float64), 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end].double() @ w[e].T
+        start = end
+    return out
+
+
+# rows per expert: empty experts, one expert over several row blocks (16 a block in the interpreter), one row
+COUNTS = [3, 0, 37, 1, 0]
+
+
+@pytest.mark.parametrize("triton_kernel,dtype", [(True, torch.float32), (True, torch.float16), (False, torch.float32),
+                                                 (False, torch.bfloat16)])
+def test_grouped_kernel_matches_fp64(triton_kernel, dtype):
+    torch.manual_seed(0)
+    n, k = 72, 80  # edge tiles in N and K (blocks of 64); K a multiple of 16 for ATen
+    q, scales = _packed(torch.randn(len(COUNTS), n, k))
+    offs = torch.tensor(COUNTS, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    x = torch.randn(sum(COUNTS) + 2, k).to(dtype)  # two rows past offs[-1]
+    out = experts.experts_int8_mm(x, q, scales, offs, triton_kernel)
+    ref = _reference(x, q, scales, offs)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+    # the Triton kernel keeps x's dtype (fp32 exact up to fp32 sums); ATen's takes bf16 activations
+    need = {torch.float32: 100.0, torch.float16: 55.0}[dtype] if triton_kernel else 40.0
+    assert sqnr_ref(ref, out) >= need
+
+
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_batched_product_is_the_grouped_one_with_equal_groups(triton_kernel):
+    torch.manual_seed(0)
+    q, scales = _packed(torch.randn(3, 40, 32))
+    x = torch.randn(3, 5, 32)
+    out = experts.batched_experts_int8_mm(x, q, scales, triton_kernel)
+    ref = torch.bmm(x.double(), (q.double() * scales.double()[..., None]).transpose(1, 2))
+    assert out.shape == (3, 5, 40) and sqnr_ref(ref, out) >= (100.0 if triton_kernel else 40.0)
+
+
+def test_grouped_kernel_rejects_mismatched_shapes():
+    q, scales = _packed(torch.randn(3, 8, 32))
+    with pytest.raises(ValueError, match=r"x \[S, K\], q \[E, N, K\] and offs \[E\]"):
+        experts.experts_int8_mm(torch.randn(4, 16), q, scales, torch.tensor([1, 2, 4], dtype=torch.int32), False)
+    with pytest.raises(ValueError, match=r"offs \[E\]"):
+        experts.experts_int8_mm(torch.randn(4, 32), q, scales, torch.tensor([4], dtype=torch.int32), False)
+
+
+class Experts(torch.nn.Module):
+    """MoE experts as transformers keeps them: one stacked parameter, each expert's tokens times its matrix in one
+    batched product (bmm over [E, T, K]) or one grouped product over tokens sorted by expert (_grouped_mm, from an
+    [E, N, K] stack transposed, or an [E, K, N] one as is)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        shape = (E, K, N) if how == "grouped_mm_ekn" else (E, N, K)
+        self.w = torch.nn.Parameter(torch.randn(shape) / K ** 0.5)
+
+    def forward(self, x):
+        if self.how == "bmm":
+            return torch.bmm(x, self.w.transpose(1, 2))
+        offs = torch.tensor([2, 2, 6, 8], dtype=torch.int32)  # expert 1 has no tokens
+        w = self.w if self.how == "grouped_mm_ekn" else self.w.transpose(-2, -1)
+        return torch._grouped_mm(x.flatten(0, 1), w, offs=offs)
+
+    def dequantized_reference(self, x) -> torch.Tensor:
+        w = self.w.transpose(1, 2) if self.how == "grouped_mm_ekn" else self.w
+        q, scales = _packed(w.detach())
+        if self.how == "bmm":
+            return torch.bmm(x.double(), (q.double() * scales.double()[..., None]).transpose(1, 2))
+        return _reference(x.flatten(0, 1), q, scales, torch.tensor([2, 2, 6, 8]))
+
+
+@pytest.mark.parametrize("how", ["bmm", "grouped_mm", "grouped_mm_ekn"])
+def test_stacked_expert_weights_are_rewritten_int8(how):
+    torch.manual_seed(0)
+    model = Experts(how).to(torch.bfloat16)
+    x = torch.randn(E, 2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model)(x)
+    [site] = sites("experts")
+    assert site.status == "rewritten" and site.chosen == "int8_weight_only", torchfx_eff.last_report()
+    assert site.hints["E"] == E and site.hints["N"] == N and site.hints["K"] == K
+    assert site.weight_bytes == (E * N * K * 2, E * N * K + E * N * 2)
+    assert sqnr_ref(model.dequantized_reference(x), out) >= 40.0  # the int8 weights' product, in bf16
+    assert sqnr_ref(ref, out) >= 35.0
+
+
+def test_triton_kernel_serves_the_site(monkeypatch):
+    """With the interpreter costed as fast, the site takes the Triton kernel (fp32 activations, no bf16 cast; fp32
+    rules _grouped_mm out, so the batched product)."""
+    monkeypatch.setattr(weight_only_triton, "INTERPRETER_SLOWDOWN", 1e-3)
+    torch.manual_seed(0)
+    model = Experts("bmm")
+    x = torch.randn(E, 2, K)
+    with torch.no_grad():
+        out = compiled(model)(x)
+    [site] = sites("experts")
+    assert site.status == "rewritten" and site.chosen == "int8_weight_only"
+    assert sqnr_ref(model.dequantized_reference(x), out) >= 100.0  # no bf16 rounding anywhere
+
+
+def test_experts_off_keeps_them_and_unknown_candidates_are_refused():
+    model = Experts("bmm").to(torch.bfloat16)
+    with torch.no_grad():
+        compiled(model, experts="off")(torch.randn(E, 2, K, dtype=torch.bfloat16))
+    [site] = sites("experts")
+    assert site.status == "kept" and "Config.experts='off'" in site.reason
+    with pytest.raises(ValueError, match="Config.experts names unknown candidates"):
+        torchfx_eff.backend(torchfx_eff.Config(experts=("int3",)))
+
+
+def test_released_expert_weights():
+    model = Experts("grouped_mm").to(torch.bfloat16)
+    x = torch.randn(E, 2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, release_weights=True)(x)
+    [weight] = sites("weight")
+    assert weight.status == "released" and weight.weight_bytes == (E * N * K * 2, 0)
+    assert sqnr_ref(ref, out) >= 35.0
+    torchfx_eff.restore_weights(model)
+    assert torch.equal(model(x), ref)
+
+
+class Unmatched(torch.nn.Module):
+    """Products by a stack that no candidate takes: a gather of each row's expert weight before bmm (transformers'
+    batched_mm experts), the stack as the first operand, baddbmm."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.randn(E, N, K) / K ** 0.5)
+
+    def forward(self, x, ids):
+        if self.how == "gathered":
+            return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+        if self.how == "first":
+            return torch.bmm(self.w, x.view(E, K, -1))
+        return torch.baddbmm(torch.zeros(E, x.shape[0] // E, N, dtype=x.dtype), x.view(E, -1, K), self.w.transpose(1, 2))
+
+
+@pytest.mark.parametrize("how,why", [("gathered", "indexed or reshaped first"), ("first", "as the first operand"),
+                                     ("baddbmm", "through baddbmm")])
+def test_other_products_by_a_stack_are_missed_with_reason(how, why):
+    model = Unmatched(how).to(torch.bfloat16)
+    x, ids = torch.randn(8, K, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with torch.no_grad():
+        ref = model(x, ids)
+        out = compiled(model)(x, ids)
+    [miss] = sites("experts")
+    assert miss.status == "missed" and f"stack of {E} weight matrices" in miss.reason and why in miss.reason
+    assert str((E, N, K)) in miss.reason and sites("linear") == []
+    assert torch.equal(out, ref)
+
+
+MOE = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=512),
+       "gpt_oss": dict(num_local_experts=4), "llama4_text": dict(num_local_experts=4)}
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_hf_moe_experts_are_rewritten(model_type):
+    """Small bf16 MoE models at two tokens (decode-like: few rows an expert, where int8 wins on CPU): every stacked
+    expert parameter is an experts site, rewritten int8, outputs close."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model(model_type, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=128,
+                                 num_experts_per_tok=2, **MOE[model_type])
+    model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 100, (1, 2))
+    with torch.no_grad(), found_sites("experts") as found:
+        ref = model(ids).logits
+        out = compiled(model, linear="off")(ids).logits
+    stacks = {id(p) for n, p in model.named_parameters() if p.dim() == 3}
+    assert stacks and {id(s.weight) for s in found} == stacks
+    assert [s.status for s in sites("experts")] == ["rewritten"] * len(stacks), [s.reason for s in sites("experts")]
+    assert sqnr_ref(ref, out) >= 30.0
