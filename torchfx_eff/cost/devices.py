@@ -57,8 +57,9 @@ _HOPPER_EFFICIENCY = {
     # the decoding pass (from 64 rows) moves its bytes (packed in, decoded out) at 0.88-0.97 (int4) and 0.91-0.93
     # (int8) of copy bandwidth (4096x4096: 14.8 / 18.1 us; 4096x14336: 57 / 65 us)
     "int4_decode": (1.0, 0.9), "int8_decode": (1.0, 0.9),
-    # MoE experts' int8 Triton kernel (kernels/experts.py): not measured yet, taken as int8's GEMM at 16 rows
-    "int8_experts": (0.3, 0.45),
+    # MoE experts' int8 Triton kernel (kernels/experts.py) at Mixtral 8x7B's stacks (bench/results/gpu_linear-experts-*):
+    # 0.76-1.0 of copy bandwidth in the int8 weights read at 2-32 rows, ~300 TFLOP/s (0.42 of the bf16 rate) at 1024
+    "int8_experts": (0.42, 0.76),
     # the GEMVs' FLOP fractions: int4 >= 0.0072 measured (5.7 TFLOP/s at 4096x14336, M=1, still bandwidth-bound),
     # int8 >= 0.0070 (23.1 us at 4096x14336, e54bd7d; 0.004 had costed its M=1 GEMV compute-bound, 15.7 us at
     # 2048x8192 where it ran 9.4); their cost at 2 rows is unmeasured (bench/run.py --parts crossover times it)

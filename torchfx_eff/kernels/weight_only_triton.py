@@ -464,10 +464,12 @@ _KEY = ["N", "K", "BITS", "PART", "HAS_BIAS"]
 # the best config ran 0.46 of copy bandwidth, its 1024 programs too few to keep enough bytes in flight. 4 channels
 # of 1024 bytes on 4 warps, added last, led at four of the five bench shapes in a later sweep (H100, L2-cold):
 # K x N 4096 x 14336 23.4 us (0.84 of 3.0 TB/s), 14336 x 4096 24.8 (0.79), where the tuner had picked 25.1 and 27.1.
+# One channel of 1024 bytes on one warp (and of 2048 on two), added after a sweep of 80 configs (H100, 2026-12-07,
+# scratch tile_ab): 23.2 us at 14336 x 4096 (0.84 of copy) where the list's best took 24.9; no better elsewhere.
 _gemv_tuned = autotuned(_gemv, [triton.Config({"BLOCK_N": n, "STEP_BYTES": b}, num_warps=w) for n, w, b in
                                 [(2, 1, 512), (2, 1, 1024), (2, 2, 1024), (4, 1, 256), (4, 2, 256), (4, 4, 512),
                                  (8, 1, 256), (8, 4, 1024), (16, 2, 256), (16, 4, 256), (32, 4, 256), (64, 8, 256),
-                                 (2, 2, 2048), (4, 4, 2048), (4, 4, 1024)]],
+                                 (2, 2, 2048), (4, 4, 2048), (4, 4, 1024), (1, 1, 1024), (1, 2, 2048)]],
                         _KEY, _prune_gemv)
 # int4 GEMV: the H100's ten best at M=1 over 34 configs and 8 shapes (g64, 2048..14336 wide): 2-16 channels, 16-32
 # groups (512-1024 bytes of a channel) a step; longer steps won everywhere (more bytes in flight). Steps are given
