@@ -248,10 +248,10 @@ EXPERT_TOKENS = [1, 16, 512]  # routed top-2: 2, 32 and 1024 rows
 
 
 def experts_rows() -> list[dict]:
-    """The int8 experts kernel against torch._grouped_mm over the same bf16 stack (cuBLAS/CUTLASS grouped GEMM), both
-    over rows routed round-robin (at one token two experts have rows, so two experts' weights are read). Value: the
-    bytes of the weights read over the kernel's time."""
-    impl = next(i for i in kernels.implementations("experts") if i.name == "int8_weight_only")
+    """Each experts candidate's kernel against torch._grouped_mm over the same bf16 stack (cuBLAS/CUTLASS grouped
+    GEMM), both over rows routed round-robin (at one token two experts have rows, so two experts' weights are read).
+    Value: the bytes of the packed weights read over the kernel's time."""
+    impls = [i for i in kernels.implementations("experts") if i.replace is not None]
     rows = []
     for E, N, K in EXPERT_STACKS:
         w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
@@ -263,15 +263,17 @@ def experts_rows() -> list[dict]:
             site = ExpertsSite(node=None, op="grouped_mm", location="bench", dtype=x.dtype, device=x.device,
                                dims={k: sympy.Integer(v) for k, v in dict(S=S, E=E, N=N, K=K, A=min(E, S)).items()},
                                x=x, offs=offs, weight=w, weight_name="w", weight_layout="enk")
-            rep = impl.replace(site)
-            ours = _ms([lambda: rep.op(*rep.args, **rep.kwargs)])
             anchor = _ms([lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)])
-            read = min(E, S) * N * K
-            rows.append({"name": f"experts E={E} N={N} K={K} S={S} int8_weight_only", "value": read / ours / 1e9,
-                         "unit": "TB/s (int8 weights read)", "ms": ours, "anchor": "torch._grouped_mm bf16",
-                         "anchor_value": 2 * read / anchor / 1e9 if anchor else None, "anchor_ms": anchor,
-                         "ratio": anchor / ours if anchor else None})
-            del x, rep
+            for impl in impls:
+                rep = impl.replace(site)
+                ours = _ms([lambda: rep.op(*rep.args, **rep.kwargs)])
+                read = min(E, S) * rep.weight_bytes[1] / E
+                rows.append({"name": f"experts E={E} N={N} K={K} S={S} {impl.name}", "value": read / ours / 1e9,
+                             "unit": "TB/s (packed weights read)", "ms": ours, "anchor": "torch._grouped_mm bf16",
+                             "anchor_value": min(E, S) * N * K * 2 / anchor / 1e9 if anchor else None,
+                             "anchor_ms": anchor, "ratio": anchor / ours if anchor else None})
+                del rep
+            del x
         del w
     return rows
 

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -205,3 +206,34 @@ def compiles_for_sm90(script: str) -> None:
     if "compiled" not in done.stdout and ("ptxas" in done.stderr or "NVIDIA" in done.stderr):
         pytest.skip(f"Triton cannot compile for CUDA here: {done.stderr.strip().splitlines()[-1]}")
     assert "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def experts_packed(w_enk: torch.Tensor, bits: int = 8, triton_kernel: bool = True):
+    """The candidate's packing of an [E, N, K] stack, and its dequantized weights in fp64 (independently of the
+    kernels: the int4 bytes unpacked here, codes (q - 8) * scale + zero of their group of 64)."""
+    from torchfx_eff.kernels import experts
+    from torchfx_eff.kernels.int4_weight_only import quantize_int4
+
+    site = SimpleNamespace(weight_enk=lambda: w_enk)
+    w, scales, zeros = experts._pack(site, bits, 64, triton_kernel)
+    E, N, K = w_enk.shape
+    if bits == 8:
+        return (w, scales, zeros), w.double() * scales.double()[..., None]
+    if triton_kernel:
+        codes = torch.stack([w & 15, w >> 4], dim=-1).reshape(E, N, -1).double()
+        s, z = (t.double().repeat_interleave(64, dim=-1) for t in (scales, zeros))
+        return (w, scales, zeros), ((codes - 8) * s + z)[..., :K]
+    # ATen's CPU layout: recover the codes from quantize_int4 itself (the layout is ATen's own)
+    codes, s, z = quantize_int4(w_enk.reshape(E * N, K), 64)
+    s, z = (t.double().repeat_interleave(64, dim=-1) for t in (s, z))
+    return (w, scales, zeros), ((codes.double() - 8) * s + z).reshape(E, N, -1)[..., :K]
+
+
+def experts_reference(x, w, offs) -> torch.Tensor:
+    """fp64: rows offs[e-1]:offs[e] of x times expert e's (dequantized) weight w[e], an explicit loop; rows past
+    offs[-1] zero."""
+    out, start = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device), 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end].double() @ w[e].T
+        start = end
+    return out

@@ -4,65 +4,57 @@ import pytest
 import torch
 
 import torchfx_eff
-from helpers import compiled, found_sites, sites, sqnr_ref
+from helpers import compiled, experts_packed, experts_reference, found_sites, sites, sqnr_ref
 from torchfx_eff.kernels import experts, weight_only_triton
-from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 
 E, N, K = 4, 256, 256
 
 
-def _packed(w_enk: torch.Tensor):
-    q, scales = quantize_per_channel(w_enk.reshape(-1, w_enk.shape[-1]))
-    return q.reshape(w_enk.shape), scales.reshape(w_enk.shape[:2])
-
-
-def _reference(x, q, scales, offs) -> torch.Tensor:
-    """fp64: rows offs[e-1]:offs[e] of x times expert e's dequantized weight, an explicit loop; rows past offs[-1] 0."""
-    w = q.double() * scales.double()[..., None]
-    out, start = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float64), 0
-    for e, end in enumerate(offs.tolist()):
-        out[start:end] = x[start:end].double() @ w[e].T
-        start = end
-    return out
-
-
 # rows per expert: empty experts, one expert over several row blocks (16 a block in the interpreter), one row
 COUNTS = [3, 0, 37, 1, 0]
+PATHS = [(True, torch.float32), (True, torch.float16), (False, torch.float32), (False, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("triton_kernel,dtype", [(True, torch.float32), (True, torch.float16), (False, torch.float32),
-                                                 (False, torch.bfloat16)])
-def test_grouped_kernel_matches_fp64(triton_kernel, dtype):
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("triton_kernel,dtype", PATHS)
+def test_grouped_kernel_matches_fp64(bits, triton_kernel, dtype):
     torch.manual_seed(0)
-    n, k = 72, 80  # edge tiles in N and K (blocks of 64); K a multiple of 16 for ATen
-    q, scales = _packed(torch.randn(len(COUNTS), n, k))
+    n, k = 80, 208  # edge tiles in N and K (blocks of 64), K not a multiple of int4's group; multiples of 16 for ATen
+    packed, dequantized = experts_packed(torch.randn(len(COUNTS), n, k), bits, triton_kernel)
     offs = torch.tensor(COUNTS, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     x = torch.randn(sum(COUNTS) + 2, k).to(dtype)  # two rows past offs[-1]
-    out = experts.experts_int8_mm(x, q, scales, offs, triton_kernel)
-    ref = _reference(x, q, scales, offs)
+    out = experts.experts_weight_only_mm(x, *packed, offs, bits, 64, triton_kernel)
+    ref = experts_reference(x, dequantized, offs)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
-    # the Triton kernel keeps x's dtype (fp32 exact up to fp32 sums); ATen's takes bf16 activations
+    # the Triton kernel keeps x's dtype (fp32 exact up to fp32 sums; fp16 rounds int4's dequantized weights once);
+    # ATen's takes bf16 activations
     need = {torch.float32: 100.0, torch.float16: 55.0}[dtype] if triton_kernel else 40.0
     assert sqnr_ref(ref, out) >= need
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("triton_kernel", [True, False])
-def test_batched_product_is_the_grouped_one_with_equal_groups(triton_kernel):
+def test_batched_product_is_the_grouped_one_with_equal_groups(bits, triton_kernel):
     torch.manual_seed(0)
-    q, scales = _packed(torch.randn(3, 40, 32))
-    x = torch.randn(3, 5, 32)
-    out = experts.batched_experts_int8_mm(x, q, scales, triton_kernel)
-    ref = torch.bmm(x.double(), (q.double() * scales.double()[..., None]).transpose(1, 2))
-    assert out.shape == (3, 5, 40) and sqnr_ref(ref, out) >= (100.0 if triton_kernel else 40.0)
+    packed, dequantized = experts_packed(torch.randn(3, 48, 64), bits, triton_kernel)
+    x = torch.randn(3, 5, 64)
+    out = experts.batched_experts_mm(x, *packed, bits, 64, triton_kernel)
+    ref = torch.bmm(x.double(), dequantized.transpose(1, 2))
+    assert out.shape == (3, 5, 48) and sqnr_ref(ref, out) >= (100.0 if triton_kernel else 40.0)
 
 
 def test_grouped_kernel_rejects_mismatched_shapes():
-    q, scales = _packed(torch.randn(3, 8, 32))
-    with pytest.raises(ValueError, match=r"x \[S, K\], q \[E, N, K\] and offs \[E\]"):
-        experts.experts_int8_mm(torch.randn(4, 16), q, scales, torch.tensor([1, 2, 4], dtype=torch.int32), False)
+    packed, _ = experts_packed(torch.randn(3, 16, 32))
+    with pytest.raises(ValueError, match=r"the int8 weights 32"):
+        experts.experts_weight_only_mm(torch.randn(4, 16), *packed, torch.tensor([1, 2, 4]), 8, 0, False)
     with pytest.raises(ValueError, match=r"offs \[E\]"):
-        experts.experts_int8_mm(torch.randn(4, 32), q, scales, torch.tensor([4], dtype=torch.int32), False)
+        experts.experts_weight_only_mm(torch.randn(4, 32), *packed, torch.tensor([4]), 8, 0, False)
+    with pytest.raises(ValueError, match=r"K=40 is not a multiple of 16"):  # rather than crash in ATen
+        packed, _ = experts_packed(torch.randn(3, 16, 40))
+        experts.experts_weight_only_mm(torch.randn(4, 40), *packed, torch.tensor([1, 2, 4]), 8, 0, False)
+    with pytest.raises(ValueError, match=r"bits 4 or 8"):
+        experts.experts_weight_only_mm(torch.randn(4, 32), *packed, torch.tensor([1, 2, 4]), 2, 0, False)
 
 
 class Experts(torch.nn.Module):
@@ -83,31 +75,38 @@ class Experts(torch.nn.Module):
         w = self.w if self.how == "grouped_mm_ekn" else self.w.transpose(-2, -1)
         return torch._grouped_mm(x.flatten(0, 1), w, offs=offs)
 
-    def dequantized_reference(self, x) -> torch.Tensor:
+    def dequantized_reference(self, x, bits=8) -> torch.Tensor:
         w = self.w.transpose(1, 2) if self.how == "grouped_mm_ekn" else self.w
-        q, scales = _packed(w.detach())
+        _, dequantized = experts_packed(w.detach().float(), bits, triton_kernel=x.dtype != torch.bfloat16)
         if self.how == "bmm":
-            return torch.bmm(x.double(), (q.double() * scales.double()[..., None]).transpose(1, 2))
-        return _reference(x.flatten(0, 1), q, scales, torch.tensor([2, 2, 6, 8]))
+            return torch.bmm(x.double(), dequantized.transpose(1, 2))
+        return experts_reference(x.flatten(0, 1), dequantized, torch.tensor([2, 2, 6, 8]))
 
 
+# candidate -> (bits, packed bytes of the (E, N, K) stack, its least SQNR against the bf16 original)
+CANDIDATES = {"int8_weight_only": (8, E * N * K + E * N * 2, 35.0), "int4_weight_only": (4, E * N * K // 2 + E * N * K // 16, 15.0)}
+
+
+@pytest.mark.parametrize("name", CANDIDATES)
 @pytest.mark.parametrize("how", ["bmm", "grouped_mm", "grouped_mm_ekn"])
-def test_stacked_expert_weights_are_rewritten_int8(how):
+def test_stacked_expert_weights_are_rewritten(how, name):
+    bits, packed_bytes, least_db = CANDIDATES[name]
     torch.manual_seed(0)
     model = Experts(how).to(torch.bfloat16)
     x = torch.randn(E, 2, K, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(x)
-        out = compiled(model)(x)
+        out = compiled(model, experts=(name,), accuracy="aggressive")(x)
     [site] = sites("experts")
-    assert site.status == "rewritten" and site.chosen == "int8_weight_only", torchfx_eff.last_report()
+    assert site.status == "rewritten" and site.chosen == name, torchfx_eff.last_report()
     assert site.hints["E"] == E and site.hints["N"] == N and site.hints["K"] == K
-    assert site.weight_bytes == (E * N * K * 2, E * N * K + E * N * 2)
-    assert sqnr_ref(model.dequantized_reference(x), out) >= 40.0  # the int8 weights' product, in bf16
-    assert sqnr_ref(ref, out) >= 35.0
+    assert site.weight_bytes == (E * N * K * 2, packed_bytes)
+    assert sqnr_ref(model.dequantized_reference(x, bits), out) >= 40.0  # the packed weights' product, in bf16
+    assert sqnr_ref(ref, out) >= least_db
 
 
-def test_triton_kernel_serves_the_site(monkeypatch):
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_triton_kernel_serves_the_site(name, monkeypatch):
     """With the interpreter costed as fast, the site takes the Triton kernel (fp32 activations, no bf16 cast; fp32
     rules _grouped_mm out, so the batched product)."""
     monkeypatch.setattr(weight_only_triton, "INTERPRETER_SLOWDOWN", 1e-3)
@@ -115,10 +114,10 @@ def test_triton_kernel_serves_the_site(monkeypatch):
     model = Experts("bmm")
     x = torch.randn(E, 2, K)
     with torch.no_grad():
-        out = compiled(model)(x)
+        out = compiled(model, experts=(name,), accuracy="aggressive")(x)
     [site] = sites("experts")
-    assert site.status == "rewritten" and site.chosen == "int8_weight_only"
-    assert sqnr_ref(model.dequantized_reference(x), out) >= 100.0  # no bf16 rounding anywhere
+    assert site.status == "rewritten" and site.chosen == name
+    assert sqnr_ref(model.dequantized_reference(x, CANDIDATES[name][0]), out) >= 100.0  # no bf16 rounding anywhere
 
 
 def test_experts_off_keeps_them_and_unknown_candidates_are_refused():

@@ -719,28 +719,25 @@ def test_dispatch_on_rows_under_inductor_on_cuda_matches_the_eager_dispatch():
         assert sqnr_ref(ref.float().cpu(), out.float().cpu()) > STACK_SQNR_DB["int8_weight_only"]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("counts", [[1, 0, 1, 0, 0, 0, 0, 0], [3, 0, 37, 1, 0, 200, 5, 9]], ids=["decode", "prefill"])
-def test_experts_kernel_on_gpu_matches_fp64_of_dequantized_weights(counts, dtype):
-    """The int8 experts kernel compiled for the GPU (autotuned), every expert's rows against the fp64 product of its
+def test_experts_kernel_on_gpu_matches_fp64_of_dequantized_weights(counts, dtype, bits):
+    """The experts kernel compiled for the GPU (autotuned), every expert's rows against the fp64 product of its
     dequantized weight; experts without rows and rows past offs[-1] give zero."""
+    from helpers import experts_packed, experts_reference
+
     from torchfx_eff.kernels import experts
-    from torchfx_eff.kernels.int8_weight_only import quantize_per_channel
 
     torch.manual_seed(0)
-    E, N, K = len(counts), 1000, 336
-    q, scales = quantize_per_channel(torch.randn(E * N, K, device="cuda"))
-    q, scales = q.reshape(E, N, K), scales.reshape(E, N)
+    packed, dequantized = experts_packed(torch.randn(len(counts), 1000, 336, device="cuda"), bits)
     offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
-    x = torch.randn(sum(counts) + 3, K, device="cuda", dtype=dtype)
-    out = experts.experts_int8_mm(x, q, scales, offs, True)
-    w = q.double() * scales.double()[..., None]
-    ref, start = torch.zeros(x.shape[0], N, dtype=torch.float64, device="cuda"), 0
-    for e, end in enumerate(offs.tolist()):
-        ref[start:end] = x[start:end].double() @ w[e].T
-        start = end
+    x = torch.randn(sum(counts) + 3, 336, device="cuda", dtype=dtype)
+    out = experts.experts_weight_only_mm(x, *packed, offs, bits, 64, True)
+    ref = experts_reference(x, dequantized, offs)
     assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))
-    assert sqnr_ref(ref.cpu(), out.cpu()) >= 45.0  # x and the sums' fp32, rounded to bf16/fp16 once
+    # x, the sums' fp32 and (int4) the weights dequantized to x's dtype, rounded to bf16/fp16 once
+    assert sqnr_ref(ref.cpu(), out.cpu()) >= (45.0 if bits == 8 else 40.0)
 
 
 def test_moe_experts_rewritten_int8_under_inductor_on_cuda():

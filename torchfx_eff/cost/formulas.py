@@ -31,16 +31,23 @@ def linear_dense(site, spec: DeviceSpec) -> sympy.Expr:
 def linear_int8_weight_only(site, spec: DeviceSpec) -> sympy.Expr:
     """int8 weights + per-channel bf16 scales; activations cast to bf16 when they are not bf16 already."""
     M, N, K = (site.dims[d] for d in "MNK")
-    return _int8pack(site, spec, M, N, K)
+    return _aten_weight_only(site, spec, M, N, K, N * K + 2 * N, "int8pack")
 
 
-def _int8pack(site, spec: DeviceSpec, M, N, K, matrices=1) -> sympy.Expr:
-    """ATen's int8pack_mm once per weight matrix over M rows in all, with bf16 activations (others cast around it)."""
-    cost = roofline(2 * M * N * K, matrices * (N * K + 2 * N) + 2 * (M * K + M * N), spec, torch.bfloat16, "int8pack",
+def _aten_weight_only(site, spec: DeviceSpec, M, N, K, weight_bytes, kernel: str, matrices=1) -> sympy.Expr:
+    """ATen's CPU int8/int4 pack matmul (`kernel`) once per weight matrix of weight_bytes over M rows in all, with
+    bf16 activations (others cast around it)."""
+    cost = roofline(2 * M * N * K, matrices * weight_bytes + 2 * (M * K + M * N), spec, torch.bfloat16, kernel,
                     launches=matrices)
     if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
         cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)
     return cost
+
+
+def int4_bytes(N, K, group_size: int):
+    """An [N, K] weight in int4 codes with a bf16 scale and zero per group of group_size (K padded to the group)."""
+    Kp = sympy.ceiling(K / group_size) * group_size
+    return N * Kp / 2 + 4 * N * Kp / group_size
 
 
 def experts_dense(site, spec: DeviceSpec) -> sympy.Expr:
@@ -50,13 +57,15 @@ def experts_dense(site, spec: DeviceSpec) -> sympy.Expr:
     return roofline(2 * S * N * K, (A * N * K + S * K + S * N) * b, spec, site.dtype, f"dense_{dtype_name(site.dtype)}")
 
 
-def experts_int8_weight_only(site, spec: DeviceSpec, kernel: str) -> sympy.Expr:
-    """MoE experts with int8 weights and per-channel bf16 scales: "int8pack", ATen's kernel once per expert read;
-    otherwise the Triton kernel that `kernel` keys, activations in the site's dtype."""
+def experts_weight_only(site, spec: DeviceSpec, bits: int, group_size: int, kernel: str) -> sympy.Expr:
+    """MoE experts with int8 weights (per-channel bf16 scales) or int4 ones (a bf16 scale and zero per group): ATen's
+    CPU kernel ("int8pack"/"int4pack") once per expert read; otherwise the Triton kernel that `kernel` keys, with
+    activations in the site's dtype."""
     S, A, N, K = (site.dims[d] for d in "SANK")
-    if kernel == "int8pack":
-        return _int8pack(site, spec, S, N, K, matrices=A)
-    return roofline(2 * S * N * K, A * (N * K + 2 * N) + (S * K + S * N) * itemsize(site.dtype), spec, site.dtype, kernel)
+    weight_bytes = N * K + 2 * N if bits == 8 else int4_bytes(N, K, group_size)
+    if kernel.endswith("pack"):
+        return _aten_weight_only(site, spec, S, N, K, weight_bytes, kernel, matrices=A)
+    return roofline(2 * S * N * K, A * weight_bytes + (S * K + S * N) * itemsize(site.dtype), spec, site.dtype, kernel)
 
 
 def attention(kernel: str):
@@ -198,11 +207,7 @@ def linear_int4_weight_only(site, spec: DeviceSpec, group_size: int = 64,
     so other dtypes are cast around it, as for int8. Otherwise the Triton kernels, with triton_rows = (gemv_rows,
     dequantize_rows) (linear_weight_only_triton)."""
     M, N, K = (site.dims[d] for d in "MNK")
-    Kp = sympy.ceiling(K / group_size) * group_size
-    weight_bytes = N * Kp / 2 + 4 * N * Kp / group_size
+    weight_bytes = int4_bytes(N, K, group_size)
     if triton_rows is not None:
         return linear_weight_only_triton(site, spec, 4, weight_bytes, *triton_rows)
-    cost = roofline(2 * M * N * Kp, weight_bytes + 2 * (M * Kp + M * N), spec, torch.bfloat16, "int4pack")
-    if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
-        cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)
-    return cost
+    return _aten_weight_only(site, spec, M, N, K, weight_bytes, "int4pack")
