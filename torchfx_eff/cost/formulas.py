@@ -34,20 +34,24 @@ def linear_int8_weight_only(site, spec: DeviceSpec) -> sympy.Expr:
     return _aten_weight_only(site, spec, M, N, K, N * K + 2 * N, "int8pack")
 
 
-def _aten_weight_only(site, spec: DeviceSpec, M, N, K, weight_bytes, kernel: str, matrices=1) -> sympy.Expr:
+def _aten_weight_only(site, spec: DeviceSpec, M, N, K, weight_bytes, kernel: str, matrices=1, Kp=None) -> sympy.Expr:
     """ATen's CPU int8/int4 pack matmul (`kernel`) once per weight matrix of weight_bytes over M rows in all, with
-    bf16 activations (others cast around it)."""
-    cost = roofline(2 * M * N * K, matrices * weight_bytes + 2 * (M * K + M * N), spec, torch.bfloat16, kernel,
+    bf16 activations (others cast around it) padded to Kp (int4's groups) when given."""
+    Kp = K if Kp is None else Kp
+    cost = roofline(2 * M * N * Kp, matrices * weight_bytes + 2 * (M * Kp + M * N), spec, torch.bfloat16, kernel,
                     launches=matrices)
     if site.dtype != torch.bfloat16:  # a cast in and a cast out, each read + write
         cost += roofline(0, (M * K + M * N) * (itemsize(site.dtype) + 2), spec, site.dtype, "elementwise", launches=2)
     return cost
 
 
+def padded(K, group_size: int):
+    return sympy.ceiling(K / group_size) * group_size
+
+
 def int4_bytes(N, K, group_size: int):
     """An [N, K] weight in int4 codes with a bf16 scale and zero per group of group_size (K padded to the group)."""
-    Kp = sympy.ceiling(K / group_size) * group_size
-    return N * Kp / 2 + 4 * N * Kp / group_size
+    return N * padded(K, group_size) / 2 + 4 * N * padded(K, group_size) / group_size
 
 
 def experts_dense(site, spec: DeviceSpec) -> sympy.Expr:
@@ -64,7 +68,7 @@ def experts_weight_only(site, spec: DeviceSpec, bits: int, group_size: int, kern
     S, A, N, K = (site.dims[d] for d in "SANK")
     weight_bytes = N * K + 2 * N if bits == 8 else int4_bytes(N, K, group_size)
     if kernel.endswith("pack"):
-        return _aten_weight_only(site, spec, S, N, K, weight_bytes, kernel, matrices=A)
+        return _aten_weight_only(site, spec, S, N, K, weight_bytes, kernel, A, padded(K, group_size) if bits == 4 else K)
     return roofline(2 * S * N * K, A * weight_bytes + (S * K + S * N) * itemsize(site.dtype), spec, site.dtype, kernel)
 
 
@@ -210,4 +214,4 @@ def linear_int4_weight_only(site, spec: DeviceSpec, group_size: int = 64,
     weight_bytes = int4_bytes(N, K, group_size)
     if triton_rows is not None:
         return linear_weight_only_triton(site, spec, 4, weight_bytes, *triton_rows)
-    return _aten_weight_only(site, spec, M, N, K, weight_bytes, "int4pack")
+    return _aten_weight_only(site, spec, M, N, K, weight_bytes, "int4pack", Kp=padded(K, group_size))
