@@ -197,3 +197,28 @@ def test_hf_moe_experts_are_rewritten(model_type):
     assert stacks and {id(s.weight) for s in found} == stacks
     assert [s.status for s in sites("experts")] == ["rewritten"] * len(stacks), [s.reason for s in sites("experts")]
     assert sqnr_ref(ref, out) >= 30.0
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_symbolic_rows_dispatch_between_int8_for_decode_and_the_original_for_prefill(inner):
+    """Rows symbolic (a second length recompiles): the experts site is costed at S=2 and S=1024 (pinned CPU spec:
+    int8 wins few rows, the bf16 product many) and one graph dispatches on S; each side is that choice's output."""
+    torch.manual_seed(0)
+    model = Experts("bmm").to(torch.bfloat16)
+    cm = compiled(model, inner=inner)
+    with torch.no_grad():
+        for tokens in (1, 2):
+            cm(torch.randn(E, tokens, K, dtype=torch.bfloat16))
+    site = [s for s in sites("experts") if s.graph_id == max(s.graph_id for s in sites("experts"))][0]
+    assert list(site.regimes) == ["S<=16 (at S=8)", "S>16 (at S=2048)"], site.regimes
+    assert [r["chosen"] for r in site.regimes.values()] == ["int8_weight_only", "original"], site.regimes
+    assert site.status == "rewritten" and "dispatch on rows" in site.reason
+    _, dequantized = experts_packed(model.w.detach().float())
+    with torch.no_grad():
+        for tokens in (3, 5):  # S = 12 and 20 rows
+            x = torch.randn(E, tokens, K, dtype=torch.bfloat16)
+            out = cm(x)
+            if E * tokens <= 16:
+                assert sqnr_ref(torch.bmm(x.double(), dequantized.transpose(1, 2)), out) >= 40.0
+            else:
+                torch.testing.assert_close(out, model(x), rtol=0 if inner == "eager" else 2 ** -7, atol=0 if inner == "eager" else 1e-2)

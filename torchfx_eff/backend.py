@@ -388,9 +388,9 @@ class Backend:
         small, large = (rep or original for rep in reps)
         after = sum(rep.weight_bytes[1] for rep in reps if rep is not None and rep.weight_bytes)  # packed only
         rep = rows_dispatch(site.x, cost.SPLIT_ROWS, small, large, weight_bytes=(site.weight.nbytes, after))
-        example_rows = site.size("M")
+        example_rows = site.size(site.rows)
         chosen = impls[0].name if example_rows <= cost.SPLIT_ROWS else impls[1].name
-        how = (f"dispatch on rows: {impls[0].name} for M<={cost.SPLIT_ROWS}, {impls[1].name} above "
+        how = (f"dispatch on rows: {impls[0].name} for {site.rows}<={cost.SPLIT_ROWS}, {impls[1].name} above "
                f"(each the fastest passing candidate of its regime)")
         return rep, chosen, how
 

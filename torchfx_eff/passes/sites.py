@@ -12,6 +12,7 @@ import torch.fx as fx
 @dataclass
 class Site:
     kind: ClassVar[str]
+    rows: ClassVar[str | None] = None  # the dim that counts rows where the site's cost regime changes (decode/prefill)
     node: fx.Node  # the node whose value the rewrite replaces
     op: str
     location: str
@@ -61,6 +62,7 @@ class LinearSite(Site):
     """y = x @ W^T + b with W a parameter; dims M (rows of x), N (out), K (in)."""
 
     kind: ClassVar[str] = "linear"
+    rows: ClassVar[str] = "M"
     x: fx.Node = None
     weight: torch.Tensor = None  # the real parameter, as stored
     weight_name: str = ""  # its graph input or attribute name, the same in every graph that reads it
@@ -83,6 +85,7 @@ class ExpertsSite(Site):
     skipped), E for a batched one."""
 
     kind: ClassVar[str] = "experts"
+    rows: ClassVar[str] = "S"
     x: fx.Node = None
     offs: fx.Node | None = None
     weight: torch.Tensor = None  # the real [E, N, K] or [E, K, N] parameter, as stored
