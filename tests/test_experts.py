@@ -2,6 +2,7 @@
 (kernels/experts.py), checked against fp64 products of the dequantized weights and against the original graph."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchfx_eff
 from helpers import compiled, experts_packed, experts_reference, found_sites, sites, sqnr_ref
@@ -222,3 +223,52 @@ def test_symbolic_rows_dispatch_between_int8_for_decode_and_the_original_for_pre
                 assert sqnr_ref(torch.bmm(x.double(), dequantized.transpose(1, 2)), out) >= 40.0
             else:
                 torch.testing.assert_close(out, model(x), rtol=0 if inner == "eager" else 2 ** -7, atol=0 if inner == "eager" else 1e-2)
+
+
+class IndexedExperts(torch.nn.Module):
+    """Experts as JetMoE (and hand-written MoE code) runs them: a loop of F.linear over a stack's matrices W[i], each
+    on its expert's rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(E, N, K) / K ** 0.5)
+
+    def forward(self, x):
+        return torch.cat([F.linear(part, self.w[i]) for i, part in enumerate(x.chunk(E))])
+
+
+def test_a_stacks_matrices_read_one_by_one_are_linear_sites_and_release_the_stack():
+    torch.manual_seed(0)
+    model = IndexedExperts().to(torch.bfloat16)
+    x = torch.randn(2 * E, K, dtype=torch.bfloat16)
+    _, dequantized = experts_packed(model.w.detach().float())
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, release_weights=True)(x)
+    linears = sites("linear")
+    assert [s.status for s in linears] == ["rewritten"] * E, torchfx_eff.last_report()
+    assert sorted(s.site_id[-3:] for s in linears) == [f"[{i}]" for i in range(E)]  # each names its matrix
+    want = torch.cat([part.double() @ w.T for part, w in zip(x.chunk(E), dequantized)])
+    assert sqnr_ref(want, out) >= 40.0 and sqnr_ref(ref, out) >= 35.0
+    [weight] = sites("weight")  # every matrix packed: the stack itself goes
+    assert weight.status == "released" and weight.weight_bytes == (E * N * K * 2, 0)
+    torchfx_eff.restore_weights(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_jetmoe_experts_are_linear_sites():
+    """JetMoE's experts (and its mixture of attention heads) index their stacks in a loop: every product is a site."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.AutoConfig.for_model("jetmoe", hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, kv_channels=64, vocab_size=128,
+                                 num_local_experts=4, num_experts_per_tok=2)
+    model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(3, 100, (1, 2))
+    with torch.no_grad(), found_sites("linear") as found:
+        compiled(model)(input_ids=ids)
+    assert sites("linear", "missed") == [] and sites("graph") == []
+    stacks = {id(p) for p in model.parameters() if p.dim() == 3}
+    assert {id(s.weight._base) for s in found if getattr(s, "weight", None) is not None and s.weight._base is not None} == stacks

@@ -503,3 +503,22 @@ def test_sdpa_candidates_take_a_bool_mask_as_sdpa_converts_it():
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out = sdpa_site(q, k, v, mask, None, False, None, False, False, "sdpa_cpu")
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_linear_of_a_parameter_cast_at_run_time_is_missed_naming_it():
+    """A router's F.linear(h.float(), W.float()) (GLM-4 MoE, ERNIE 4.5 MoE) keeps the precision the model asks for."""
+    class Router(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, K))
+
+        def forward(self, x):
+            return F.linear(x.float(), self.weight.float())
+
+    model = Router().to(torch.bfloat16)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = compiled(model)(x)
+    [miss] = sites("linear")
+    assert miss.status == "missed" and "converted by .float() at run time" in miss.reason and "weight" in miss.reason
+    assert torch.equal(out, model(x))

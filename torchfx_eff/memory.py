@@ -204,7 +204,9 @@ def settle(graph, graph_id: int, runs: fx.GraphModule, rewritten: fx.GraphModule
     readers = {}  # storage -> what in a live graph reads it as is (this graph's reader first)
     for t, what in [*reads, *((t, w) for t, graphs in list(_READERS.items()) for w in list(graphs.values()))]:
         readers.setdefault(_storage_key(t), what)
-    packed_ids, seen, decided, cpu_released = {id(t) for t in packed}, set(), [], False
+    # a stack's matrix (a linear reading W[i]) was packed from its stack: the stack is what may go
+    packed_ids = {id(t if t._base is None else t._base) for t in packed}
+    seen, decided, cpu_released = set(), [], False
     for name, t in _named(rewritten, inputs).items():
         if id(t) in seen or not (id(t) in packed_ids or name.startswith(FUSED_COPY_PREFIX) or t in _HOMES):
             continue

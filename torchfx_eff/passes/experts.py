@@ -90,8 +90,4 @@ def _site(info: GraphInfo, node: fx.Node, grouped: bool, stack: torch.Tensor) ->
         node=node, op=op, location=where, dtype=out.dtype, device=out.device, chain=chain,
         dims={"S": rows, "E": E_, "N": sym(n), "K": sym(k), "A": sympy.Min(E_, rows) if grouped else E_},
         hints=hints_of(x_val.shape), x=x, offs=args.get("offs") if grouped else None, weight=weight,
-        weight_name=str(_stack_source(w_node).target), weight_layout=layout)
-
-
-def _stack_source(w_node: fx.Node) -> fx.Node:
-    return w_node if w_node.op in ("placeholder", "get_attr") else w_node.args[0]
+        weight_name=info.name(w_node if w_node.op in ("placeholder", "get_attr") else w_node.args[0]), weight_layout=layout)

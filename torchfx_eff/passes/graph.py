@@ -1,6 +1,7 @@
 """What matchers need to know about a Dynamo graph: shapes, parameters, source locations."""
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -54,14 +55,21 @@ class GraphInfo:
     gm: fx.GraphModule
     example_inputs: list
     placeholder_values: dict[fx.Node, object] = field(default_factory=dict)
+    slices: dict[fx.Node, torch.Tensor] = field(default_factory=dict)  # parameter(): one view per indexing node
 
     def __post_init__(self):
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.placeholder_values = dict(zip(placeholders, self.example_inputs))
 
     def parameter(self, node) -> torch.Tensor | None:
-        """The real tensor behind a weight argument, if it is a parameter or a module attribute."""
+        """The real tensor behind a weight argument, if it is a parameter or a module attribute, or one matrix of a
+        stacked one (`W[i]`, a constant index, as JetMoE's experts index theirs)."""
         if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+            stack = self.parameter(node.args[0])
+            if stack is not None and stack.dim() >= 3:
+                return self.slices.setdefault(node, stack[node.args[1]])
             return None
         if node.op == "placeholder":
             value = self.placeholder_values.get(node)
@@ -72,6 +80,13 @@ class GraphInfo:
                 value = getattr(value, part)
             return value if isinstance(value, torch.Tensor) else None
         return None
+
+    def name(self, node: fx.Node) -> str:
+        """What names a parameter() argument in every graph that reads it: its graph input or attribute name, with the
+        index of a stack's matrix."""
+        if node.op == "call_function" and node.target is operator.getitem:
+            return f"{self.name(node.args[0])}[{node.args[1]}]"
+        return str(node.target)
 
     @property
     def has_real_inputs(self) -> bool:

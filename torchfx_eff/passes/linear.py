@@ -39,7 +39,7 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
         if weight is None:
             # matmul/addmm of two activations is attention or plain math, not a linear layer
             if node.target is torch._C._nn.linear:
-                yield Miss("linear", node, op, where, "weight is computed at run time, not a parameter, so it cannot be packed at compile time")
+                yield Miss("linear", node, op, where, _runtime_weight(info, args.get(w_name)))
             elif (miss := _product_miss(info, node)) is not None:
                 yield miss
             continue
@@ -54,12 +54,22 @@ def match(info: GraphInfo) -> Iterator[LinearSite | Miss]:
             continue
         n, k = weight.shape if layout == "nk" else weight.shape[::-1]
         bias = args.get(b_name) if b_name else None
+        w_node = args[w_name]  # a stack's matrix (W[i]) goes with the site when nothing else reads it
+        chain = [w_node, node] if w_node.op == "call_function" and len(w_node.users) == 1 else [node]
         yield LinearSite(
-            node=node, op=op, location=where, dtype=out.dtype, device=out.device,
+            node=node, op=op, location=where, dtype=out.dtype, device=out.device, chain=chain,
             dims={"M": numel(x.shape[:-1]), "N": sym(n), "K": sym(k)}, hints=hints_of(x.shape),
-            x=args[x_name], weight=weight, weight_name=str(args[w_name].target), weight_layout=layout, bias=bias,
+            x=args[x_name], weight=weight, weight_name=info.name(args[w_name]), weight_layout=layout, bias=bias,
             bias_param=info.parameter(bias),
         )
+
+
+def _runtime_weight(info: GraphInfo, w: fx.Node) -> str:
+    """Why F.linear's weight w, no parameter, is no site."""
+    if isinstance(w, fx.Node) and w.op == "call_method" and w.target in CASTS and info.parameter(w.args[0]) is not None:
+        return (f"weight is the parameter {info.name(w.args[0])} converted by .{w.target}() at run time (MoE routers "
+                "compute in float32 so): kept at the precision the model asks for")
+    return "weight is computed at run time, not a parameter, so it cannot be packed at compile time"
 
 
 def _product_miss(info: GraphInfo, node: fx.Node) -> Miss | None:
@@ -73,7 +83,7 @@ def _product_miss(info: GraphInfo, node: fx.Node) -> Miss | None:
             operand = operand.args[0]
         if (p := info.parameter(operand)) is not None and p.dim() == 2:
             return Miss("linear", node, name, location(node),
-                        f"multiplies by the parameter {operand.target} {tuple(p.shape)} in a form that no linear spelling "
+                        f"multiplies by the parameter {info.name(operand)} {tuple(p.shape)} in a form that no linear spelling "
                         "takes (F.linear, x @ W, x @ W.T, W @ x.mT, addmm, mm, einsum or tensordot of x and W)")
     return None
 

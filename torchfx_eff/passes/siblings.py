@@ -83,7 +83,7 @@ def _member(info: GraphInfo, node: fx.Node) -> tuple[tuple, _Member] | None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
         return None  # the copy would cut the parameters out of autograd
     key = (node.target, x, k, weight.dtype, weight.device, bias is not None)
-    member = _Member(node, x, weight, str(w_node.target), bias, str(b_node.target) if bias is not None else None, n)
+    member = _Member(node, x, weight, info.name(w_node), bias, info.name(b_node) if bias is not None else None, n)
     return key, member
 
 
