@@ -4,6 +4,7 @@ or bmm(x, W) over a batch per expert (Llama 4). W is the [E, K, N] parameter or 
 Any other product by a stack is reported missed."""
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import sympy
@@ -19,7 +20,7 @@ BATCHED = {torch.bmm, torch.matmul}
 PRODUCTS = {torch.baddbmm, torch.addbmm, torch.einsum, torch.tensordot}  # of a stack: missed
 # Ops through which a stack reaches a product unchanged but for its layout, or indexed by expert (a gather)
 STACK_METHODS = {"transpose", "permute", "contiguous", "__getitem__"}
-STACK_FUNCTIONS = {torch.transpose, torch.permute, torch.Tensor.contiguous, __import__("operator").getitem}
+STACK_FUNCTIONS = {torch.transpose, torch.permute, operator.getitem}
 TAKEN = "grouped_mm(x, W, offs=...) or bmm(x, W), with W an [E, K, N] parameter or an [E, N, K] one transposed"
 
 
@@ -74,7 +75,6 @@ def _site(info: GraphInfo, node: fx.Node, grouped: bool, stack: torch.Tensor) ->
         return miss("as the first operand" if read_as_x and _stack(info, x) else "indexed or reshaped first")
     weight, layout = found
     x_val, out = fake(x), fake(node)
-    E = weight.shape[0]
     if x_val is None or out is None:
         return miss("with no tensor shape metadata")
     if grouped and (x_val.dim() != 2 or args.get("offs") is None or set(args) - {"input", "mat2", "offs", "bias", "out_dtype"}
@@ -84,10 +84,10 @@ def _site(info: GraphInfo, node: fx.Node, grouped: bool, stack: torch.Tensor) ->
         return miss("in a batched product whose x is not [E, T, K]")
     n, k = (weight.shape[1], weight.shape[2]) if layout == "enk" else (weight.shape[2], weight.shape[1])
     rows = sym(x_val.shape[0]) if grouped else sym(x_val.shape[0]) * sym(x_val.shape[1])
-    E_ = sympy.Integer(E)
+    E = sympy.Integer(weight.shape[0])
     chain = [w_node, node] if w_node is not None and info.parameter(w_node) is None and len(w_node.users) == 1 else [node]
     return ExpertsSite(
         node=node, op=op, location=where, dtype=out.dtype, device=out.device, chain=chain,
-        dims={"S": rows, "E": E_, "N": sym(n), "K": sym(k), "A": sympy.Min(E_, rows) if grouped else E_},
+        dims={"S": rows, "E": E, "N": sym(n), "K": sym(k), "A": sympy.Min(E, rows) if grouped else E},
         hints=hints_of(x_val.shape), x=x, offs=args.get("offs") if grouped else None, weight=weight,
         weight_name=info.name(w_node if w_node.op in ("placeholder", "get_attr") else w_node.args[0]), weight_layout=layout)
