@@ -144,9 +144,38 @@ def test_released_expert_weights():
     assert torch.equal(model(x), ref)
 
 
+class Gathered(torch.nn.Module):
+    """transformers' batched_mm experts: each row times its expert's matrix, gathered from the stack by the row's
+    expert id; an [E, N, K] stack first (bmm(W[ids], x.unsqueeze(-1))) or an [E, K, N] one second."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.randn((E, K, N) if how == "ekn" else (E, N, K)) / K ** 0.5)
+
+    def forward(self, x, ids):
+        if self.how == "ekn":
+            return torch.bmm(x.unsqueeze(1), self.w[ids]).squeeze(1)
+        return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("how", ["enk", "ekn"])
+def test_gathered_expert_products_are_rewritten(how):
+    torch.manual_seed(0)
+    model = Gathered(how).to(torch.bfloat16)
+    x, ids = torch.randn(6, K, dtype=torch.bfloat16), torch.tensor([3, 0, 3, 1, 0, 3])  # unsorted; expert 2 unused
+    _, dequantized = experts_packed((model.w.transpose(1, 2) if how == "ekn" else model.w).detach().float())
+    with torch.no_grad():
+        ref = model(x, ids)
+        out = compiled(model)(x, ids)
+    [site] = sites("experts")
+    assert site.status == "rewritten" and site.chosen == "int8_weight_only", torchfx_eff.last_report()
+    want = torch.stack([x[s].double() @ dequantized[e].T for s, e in enumerate(ids.tolist())])
+    assert out.shape == ref.shape and sqnr_ref(want, out) >= 40.0 and sqnr_ref(ref, out) >= 35.0
+
+
 class Unmatched(torch.nn.Module):
-    """Products by a stack that no candidate takes: a gather of each row's expert weight before bmm (transformers'
-    batched_mm experts), the stack as the first operand, baddbmm."""
+    """Products by a stack that no candidate takes: a slice of the stack, the stack as the first operand, baddbmm."""
 
     def __init__(self, how):
         super().__init__()
@@ -154,14 +183,14 @@ class Unmatched(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.randn(E, N, K) / K ** 0.5)
 
     def forward(self, x, ids):
-        if self.how == "gathered":
-            return torch.bmm(self.w[ids], x.unsqueeze(-1)).squeeze(-1)
+        if self.how == "sliced":
+            return torch.bmm(x.view(E, -1, K), self.w[:, :N // 2].transpose(1, 2))
         if self.how == "first":
             return torch.bmm(self.w, x.view(E, K, -1))
         return torch.baddbmm(torch.zeros(E, x.shape[0] // E, N, dtype=x.dtype), x.view(E, -1, K), self.w.transpose(1, 2))
 
 
-@pytest.mark.parametrize("how,why", [("gathered", "indexed or reshaped first"), ("first", "as the first operand"),
+@pytest.mark.parametrize("how,why", [("sliced", "indexed or reshaped first"), ("first", "as the first operand"),
                                      ("baddbmm", "through baddbmm")])
 def test_other_products_by_a_stack_are_missed_with_reason(how, why):
     model = Unmatched(how).to(torch.bfloat16)
@@ -176,7 +205,8 @@ def test_other_products_by_a_stack_are_missed_with_reason(how, why):
 
 
 MOE = {"mixtral": dict(num_local_experts=4), "qwen3_moe": dict(num_experts=4, moe_intermediate_size=512),
-       "gpt_oss": dict(num_local_experts=4), "llama4_text": dict(num_local_experts=4)}
+       "gpt_oss": dict(num_local_experts=4), "llama4_text": dict(num_local_experts=4),
+       "mixtral:batched_mm": dict(num_local_experts=4)}  # type:experts implementation (grouped_mm where available)
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -186,9 +216,12 @@ def test_hf_moe_experts_are_rewritten(model_type):
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.AutoConfig.for_model(model_type, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+    name, _, experts_implementation = model_type.partition(":")
+    cfg = T.AutoConfig.for_model(name, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=128,
                                  num_experts_per_tok=2, **MOE[model_type])
+    if experts_implementation:
+        cfg._experts_implementation = experts_implementation
     model = T.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(3, 100, (1, 2))
     with torch.no_grad(), found_sites("experts") as found:

@@ -8,7 +8,8 @@ One op computes the grouped product: rows offs[e-1]:offs[e] of x times expert e'
 zero). CUDA (and Triton's interpreter) runs one Triton kernel that reads offs on the device, so a decode step
 replays from a CUDA graph: a program per (expert, channel block) walks its expert's rows, and an expert no row picks
 reads no weights. CPU runs ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` once per expert that has
-rows, with bf16 activations. A batched product (bmm over [E, T, K]) is the grouped one with T rows an expert.
+rows, with bf16 activations. A batched product (bmm over [E, T, K]) is the grouped one with T rows an expert; a
+gathered one (each row's expert matrix indexed out) sorts its rows by expert first.
 """
 from __future__ import annotations
 
@@ -138,6 +139,19 @@ def batched_experts_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, z
     return out.reshape(E, T, w.shape[1])
 
 
+def gathered_experts_mm(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bits: int, group_size: int, triton_kernel: bool,
+                        transposed_out: bool) -> torch.Tensor:
+    """Row s of x [S, K] times expert ids[s]'s weight, as a gathered bmm's value ([S, N, 1], or [S, 1, N] when
+    transposed_out): the rows sorted by expert, the grouped product, then back in order (ATen ops Inductor traces)."""
+    order = torch.argsort(ids, stable=True)
+    counts = torch.zeros(w.shape[0], dtype=torch.int32, device=x.device).index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    out = experts_weight_only_mm(x[order], w, scales, zeros, counts.cumsum(0, dtype=torch.int32), bits, group_size,
+                                 triton_kernel)
+    out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.unsqueeze(1) if transposed_out else out.unsqueeze(-1)
+
+
 def _pack(site, bits: int, group_size: int, triton_kernel: bool) -> tuple:
     """(weights, scales, zeros or None) of the site's stack for the path it takes."""
     E, N, K = site.weight_enk().shape
@@ -178,7 +192,9 @@ def _implementation(name: str, bits: int, group_size: int, accuracy: str) -> Imp
         packed = pack_once(site.weight, f"{name}_experts_{'triton' if triton_kernel else 'aten'}_{site.weight_layout}",
                            lambda: _pack(site, bits, group_size, triton_kernel))
         flags = (bits, group_size, triton_kernel)
-        if site.offs is None:
+        if site.ids is not None:
+            op, args = gathered_experts_mm, (site.x, site.ids, *packed, *flags, site.transposed_out)
+        elif site.offs is None:
             op, args = batched_experts_mm, (site.x, *packed, *flags)
         else:
             op, args = torch.ops.torchfx_eff.experts_weight_only_mm.default, (site.x, *packed, site.offs, *flags)

@@ -1,7 +1,8 @@
 """Expert sites: products by a stack of weight matrices, one per MoE expert, as transformers' experts compute them:
 grouped_mm(x, W, offs) over rows sorted by expert (torch._grouped_mm, F.grouped_mm, or transformers' fallback op),
-or bmm(x, W) over a batch per expert (Llama 4). W is the [E, K, N] parameter or the transpose of an [E, N, K] one.
-Any other product by a stack is reported missed."""
+bmm(x, W) over a batch per expert (Llama 4), or bmm of each row with its expert's matrix gathered (W[ids], the
+batched_mm experts). W is the [E, K, N] parameter or the transpose of an [E, N, K] one. Any other product by a stack
+is reported missed."""
 from __future__ import annotations
 
 import operator
@@ -21,7 +22,8 @@ PRODUCTS = {torch.baddbmm, torch.addbmm, torch.einsum, torch.tensordot}  # of a 
 # Ops through which a stack reaches a product unchanged but for its layout, or indexed by expert (a gather)
 STACK_METHODS = {"transpose", "permute", "contiguous", "__getitem__"}
 STACK_FUNCTIONS = {torch.transpose, torch.permute, operator.getitem}
-TAKEN = "grouped_mm(x, W, offs=...) or bmm(x, W), with W an [E, K, N] parameter or an [E, N, K] one transposed"
+TAKEN = ("grouped_mm(x, W, offs=...), bmm(x, W) or a gathered bmm(W[ids], x.unsqueeze(-1)) / bmm(x.unsqueeze(1), "
+         "W[ids]), with W an [E, K, N] parameter or an [E, N, K] one transposed")
 
 
 def _name(node: fx.Node) -> str:
@@ -61,6 +63,29 @@ def match(info: GraphInfo) -> Iterator[ExpertsSite | Miss]:
         yield _site(info, node, grouped, stack)
 
 
+def _gathered(info: GraphInfo, node: fx.Node, a, b) -> ExpertsSite | None:
+    """bmm(W[ids], x.unsqueeze(-1)) or bmm(x.unsqueeze(1), W[ids]) with W a stack and ids [S] (transformers'
+    batched_mm experts) as a site, else None."""
+    for gather, vector, layout, dim in ((a, b, "enk", -1), (b, a, "ekn", 1)):
+        if not (isinstance(gather, fx.Node) and gather.op == "call_function" and gather.target is operator.getitem
+                and isinstance(vector, fx.Node) and vector.op == "call_method" and vector.target == "unsqueeze"):
+            continue
+        stack, ids, x = info.parameter(gather.args[0]), gather.args[1], vector.args[0]
+        ids_val, x_val, out = fake(ids), fake(x), fake(node)
+        if (stack is None or stack.dim() != 3 or ids_val is None or ids_val.dim() != 1 or ids_val.is_floating_point()
+                or x_val is None or x_val.dim() != 2 or vector.args[1] % 3 != dim % 3 or out is None):
+            continue
+        n, k = (stack.shape[1], stack.shape[2]) if layout == "enk" else (stack.shape[2], stack.shape[1])
+        E, rows = sympy.Integer(stack.shape[0]), sym(x_val.shape[0])
+        chain = [n for n in (gather, vector) if len(n.users) == 1] + [node]
+        return ExpertsSite(
+            node=node, op="bmm", location=location(node), dtype=out.dtype, device=out.device, chain=chain,
+            dims={"S": rows, "E": E, "N": sym(n), "K": sym(k), "A": sympy.Min(E, rows)}, hints=hints_of(x_val.shape),
+            x=x, ids=ids, transposed_out=layout == "ekn", weight=stack, weight_name=info.name(gather.args[0]),
+            weight_layout=layout)
+    return None
+
+
 def _site(info: GraphInfo, node: fx.Node, grouped: bool, stack: torch.Tensor) -> ExpertsSite | Miss:
     op, where = _name(node), location(node)
     miss = lambda why: Miss("experts", node, op, where, f"multiplies by a stack of {stack.shape[0]} weight matrices "
@@ -70,6 +95,8 @@ def _site(info: GraphInfo, node: fx.Node, grouped: bool, stack: torch.Tensor) ->
         return miss(f"through {op}")
     args = bind(node, ("input", "mat2", "offs") if grouped else ("input", "mat2"))
     x, w_node = args.get("input"), args.get("mat2", args.get("other"))
+    if not grouped and (gathered := _gathered(info, node, x, w_node)) is not None:
+        return gathered
     if (found := _stack(info, w_node)) is None:
         read_as_x = _stack_behind(info, x) is not None
         return miss("as the first operand" if read_as_x and _stack(info, x) else "indexed or reshaped first")

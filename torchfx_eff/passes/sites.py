@@ -80,14 +80,17 @@ class LinearSite(Site):
 @dataclass
 class ExpertsSite(Site):
     """A product by a stack of E weight matrices, one per MoE expert: rows offs[e-1]:offs[e] of x [S, K] times expert
-    e's weight (grouped_mm), or with offs None, batch e of x [E, T, K] times expert e's (bmm). dims S (rows), E, N,
-    K and A, the experts whose weights are read: min(E, S) for a grouped product (an expert no row picks is
-    skipped), E for a batched one."""
+    e's weight (grouped_mm); with ids, row s of x [S, K] times expert ids[s]'s (a gathered bmm, transformers'
+    batched_mm experts: the value is [S, N, 1], or [S, 1, N] with transposed_out); with neither, batch e of x
+    [E, T, K] times expert e's (bmm). dims S (rows), E, N, K and A, the experts whose weights are read: min(E, S)
+    where rows pick experts (one no row picks is skipped), E for a batched product."""
 
     kind: ClassVar[str] = "experts"
     rows: ClassVar[str] = "S"
     x: fx.Node = None
     offs: fx.Node | None = None
+    ids: fx.Node | None = None
+    transposed_out: bool = False
     weight: torch.Tensor = None  # the real [E, N, K] or [E, K, N] parameter, as stored
     weight_name: str = ""
     weight_layout: str = "enk"  # "enk": the product reads each expert's weight transposed (as F.linear does)
