@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import torchfx_eff
-from helpers import compiled, experts_packed, experts_reference, found_sites, sites, sqnr_ref
+from helpers import compiled, compiles_for_sm90, experts_packed, experts_reference, found_sites, sites, sqnr_ref
 from torchfx_eff.kernels import experts, weight_only_triton
 
 E, N, K = 4, 256, 256
@@ -305,3 +305,30 @@ def test_jetmoe_experts_are_linear_sites():
     assert sites("linear", "missed") == [] and sites("graph") == []
     stacks = {id(p) for p in model.parameters() if p.dim() == 3}
     assert {id(s.weight._base) for s in found if getattr(s, "weight", None) is not None and s.weight._base is not None} == stacks
+
+
+EXPERTS_CONFIGS_FOR_SM90 = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from torchfx_eff.kernels import experts
+
+fn = experts._experts_tuned.fn
+failed = []
+for bits, weight in ((8, "*i8"), (4, "*u8")):
+    for config in experts._experts_tuned.configs:
+        given = {"BITS": bits, "GROUP": 64, "IEEE": False, **config.kwargs}
+        types = {"X": "*bf16", "W": weight, "S": "*bf16", "Z": "*bf16", "Offs": "*i32", "Out": "*bf16"}
+        signature = {n: "constexpr" if n in given else types.get(n, "i32") for n in fn.arg_names}
+        try:
+            triton.compile(ASTSource(fn, signature, given), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        except Exception as e:
+            failed.append(f"bits={bits} {config}: {str(e).splitlines()[0]}")
+print(failed or "compiled")
+"""
+
+
+def test_every_experts_config_compiles_for_sm90():
+    """Both bits of the experts kernel in every tuned config compile for the H100 (bf16), without a GPU."""
+    compiles_for_sm90(EXPERTS_CONFIGS_FOR_SM90)
