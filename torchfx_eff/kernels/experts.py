@@ -31,14 +31,16 @@ def _experts(X, W, S, Z, Offs, Out, N, K, stride_xm, stride_we, stride_wn, strid
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Expert e = program axis 0, BLOCK_N channels (axis 1): its rows BLOCK_M at a time, K BLOCK_K at a time. int8
     weights go to x's dtype as they are (exact: |q| <= 127) and the channel scales apply once at the end; int4 ones
-    are dequantized in registers ((q - 8) * scale + zero of their group), the even and odd k in one dot each. ROWS
-    (x's rows, bucketed) only keys the tuning."""
+    likewise, a group at a time, with the group's scale and zero applied after its dots. ROWS (x's rows, bucketed)
+    only keys the tuning."""
+    SUB_K: tl.constexpr = min(BLOCK_K, GROUP)  # within one group, so its scale and zero are one per channel
     e = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     start = tl.load(Offs + e - 1, mask=e > 0, other=0)
     end = tl.load(Offs + e)
     w_ptrs = W + e * stride_we + offs_n[None, :] * stride_wn
+    g_off = e * stride_se + offs_n * stride_sn  # int4's groups
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         x_ptrs = X + offs_m[:, None] * stride_xm
@@ -51,19 +53,31 @@ def _experts(X, W, S, Z, Offs, Out, N, K, stride_xm, stride_we, stride_wn, strid
                 w = tl.load(w_ptrs + offs_k[:, None], mask=(offs_k < K)[:, None] & n_ok[None, :], other=0).to(x.dtype)
                 acc = _dot(x, w, acc, IEEE)
             else:
-                k = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # the even k; a byte holds k and k + 1
-                b_ok = (k < K)[:, None] & n_ok[None, :]
-                byte = tl.load(w_ptrs + (k // 2)[:, None], mask=b_ok, other=0).to(tl.int32)
-                g_ptrs = e * stride_se + offs_n[None, :] * stride_sn + (k // GROUP)[:, None]
-                s = tl.load(S + g_ptrs, mask=b_ok, other=0.0).to(tl.float32)
-                z = tl.load(Z + g_ptrs, mask=b_ok, other=0.0).to(tl.float32)
-                x_even = tl.load(x_ptrs + k[None, :], mask=m_ok & (k < K)[None, :], other=0.0)
-                x_odd = tl.load(x_ptrs + k[None, :] + 1, mask=m_ok & (k + 1 < K)[None, :], other=0.0)
-                acc = _dot(x_even, (((byte & 15) - 8) * s + z).to(x_even.dtype), acc, IEEE)
-                acc = _dot(x_odd, (((byte >> 4) - 8) * s + z).to(x_odd.dtype), acc, IEEE)
+                for sub in tl.static_range(BLOCK_K // SUB_K):
+                    acc = _int4_group_dot(acc, x_ptrs, w_ptrs, S + g_off, Z + g_off, m_ok, n_ok, k0 + sub * SUB_K, K,
+                                          GROUP, IEEE, SUB_K)
         if BITS == 8:
             acc *= tl.load(S + e * stride_se + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=m_ok & n_ok[None, :])
+
+
+@triton.jit
+def _int4_group_dot(acc, x_ptrs, w_ptrs, s_ptrs, z_ptrs, m_ok, n_ok, k0, K, GROUP: tl.constexpr, IEEE: tl.constexpr,
+                    SUB_K: tl.constexpr):
+    """acc + x[:, k0:k0 + SUB_K] @ W's dequantized rows there, all in one group: the codes q (0..15, exact in x's
+    dtype) go into the dots as they are, the even and odd k in one dot each, then (q - 8) * s + z applies once a
+    channel: s * (x @ q) + (z - 8 s) * sum(x)."""
+    k = k0 + 2 * tl.arange(0, SUB_K // 2)  # the even k; a byte holds k and k + 1
+    byte = tl.load(w_ptrs + (k // 2)[:, None], mask=(k < K)[:, None] & n_ok[None, :], other=0)
+    x_even = tl.load(x_ptrs + k[None, :], mask=m_ok & (k < K)[None, :], other=0.0)
+    x_odd = tl.load(x_ptrs + k[None, :] + 1, mask=m_ok & (k + 1 < K)[None, :], other=0.0)
+    xq = _dot(x_even, (byte & 15).to(x_even.dtype), tl.zeros(acc.shape, tl.float32), IEEE)
+    xq = _dot(x_odd, (byte >> 4).to(x_odd.dtype), xq, IEEE)
+    g_ok = n_ok & (k0 < K)
+    s = tl.load(s_ptrs + k0 // GROUP, mask=g_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptrs + k0 // GROUP, mask=g_ok, other=0.0).to(tl.float32)
+    x_sum = tl.sum(x_even.to(tl.float32), 1) + tl.sum(x_odd.to(tl.float32), 1)
+    return acc + xq * s[None, :] + x_sum[:, None] * (z - 8.0 * s)[None, :]
 
 
 @triton.jit
