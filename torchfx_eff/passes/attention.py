@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import mha
 from .graph import GraphInfo, bind, fake, hints_of, location, numel, sym
 from .sites import AttentionSite, Miss
 
@@ -21,6 +22,9 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
     for node in info.gm.graph.nodes:
         if node.op == "call_function" and node.target is SDPA:
             yield _sdpa_site(node)
+        elif why := mha.unspelled(node):
+            yield Miss("attention", node, node.target.__name__, location(node), f"torch's fused attention call is "
+                       f"not spelled out as linear + SDPA + linear: {why}")
         elif _is_softmax(node) and _near(node, "down", 4, _is_matmul):
             if _near(node, "up", 10, _is_matmul):
                 yield _eager_site(node)

@@ -7,6 +7,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from . import mha
 from .graph import GraphInfo, bind, fake
 
 # Aliases Dynamo may leave in a graph -> the one target matchers look for.
@@ -28,8 +29,9 @@ def normalize(info: GraphInfo) -> int:
     """Rewrite aliases in place, then linears spelled otherwise as F.linear or matmul: x times a transposed 2-D
     parameter (Falcon's `x @ self.weight.T`), a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`,
     then transposed back), einsum("...k,kn->...n") or ("...k,nk->...n") with a parameter, tensordot(x, W, dims=1).
-    Returns how many nodes changed."""
-    gm, changed = info.gm, 0
+    torch's multi-head attention calls are spelled out first (passes/mha.py). Returns how many nodes changed."""
+    gm = info.gm
+    changed = mha.decompose(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
             target = CANONICAL_FUNCTIONS[node.target]

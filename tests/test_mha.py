@@ -1,0 +1,170 @@
+"""torch's multi-head attention calls (nn.MultiheadAttention, nn.TransformerEncoderLayer's fast path), opaque in
+Dynamo's graph, spelled as linear + SDPA + linear: the spelled graph computes what the module computes, and the
+forms the spelling does not cover stay one call."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import compiled, matched, sites, sqnr_ref
+
+import torchfx_eff
+from torchfx_eff.passes import mha
+
+E, HEADS, L, B = 32, 4, 6, 2
+OPAQUE = tuple(mha.SPELLINGS)
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, batch_first=False, bias=True, add_bias_kv=False, return_weights=False, **call):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(E, HEADS, bias=bias, add_bias_kv=add_bias_kv, batch_first=batch_first)
+        self.call, self.return_weights = call, return_weights
+
+    def forward(self, x, mask=None, pad=None):
+        out, weights = self.attn(x, x, x, attn_mask=mask, key_padding_mask=pad, **self.call)
+        return (out, weights) if self.return_weights else out
+
+
+class CrossAttention(SelfAttention):
+    def forward(self, x, mask=None, pad=None):
+        return self.attn(x, x.flip(0), x.flip(0), need_weights=False)[0]
+
+
+def _encoder(norm_first=False, activation="relu"):
+    return torch.nn.TransformerEncoderLayer(E, HEADS, 2 * E, dropout=0.0, activation=activation,
+                                            batch_first=True, norm_first=norm_first)
+
+
+class Encoder(torch.nn.Module):
+    """An encoder layer called with masks by keyword, as nn.TransformerEncoder calls it."""
+
+    def __init__(self, norm_first=False, activation="relu", is_causal=False):
+        super().__init__()
+        self.layer, self.is_causal = _encoder(norm_first, activation), is_causal
+
+    def forward(self, x, mask=None, pad=None):
+        return self.layer(x, src_mask=mask, src_key_padding_mask=pad, is_causal=self.is_causal)
+
+
+def _mask(kind: str):
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)  # float: 0 and -inf
+    return {"none": None, "float": causal, "bool": causal.isinf(), "random": torch.randn(L, L)}[kind]
+
+
+def _spelled(model, args, grad: bool):
+    """(output of the graph after mha.decompose, targets before, targets after)."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["before"] = [n.target for n in gm.graph.nodes]
+        mha.decompose(gm)
+        gm.recompile()
+        seen["after"] = [n.target for n in gm.graph.nodes]
+        return gm.forward
+
+    torch._dynamo.reset()
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(*args)
+    return out, seen["before"], seen["after"]
+
+
+def _pad(dtype=torch.bool):
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[0, -2:] = True  # the first sequence's last two keys are padding
+    return pad if dtype == torch.bool else torch.zeros(B, L).masked_fill(pad, float("-inf"))
+
+
+CASES = {  # name: (model, mask kind, autograd on)
+    "mha seq-first": (lambda: SelfAttention(need_weights=False), "none", True),
+    "mha weights not used": (lambda: SelfAttention(), "none", True),
+    "mha float mask": (lambda: SelfAttention(need_weights=False), "random", True),
+    "mha bool mask": (lambda: SelfAttention(need_weights=False), "bool", True),
+    "mha causal hint": (lambda: SelfAttention(need_weights=False, is_causal=True), "float", True),
+    "mha causal hint, weights not used": (lambda: SelfAttention(is_causal=True), "float", True),
+    "mha no bias": (lambda: SelfAttention(bias=False, need_weights=False), "none", True),
+    "mha key padding": (lambda: SelfAttention(need_weights=False), "pad", True),
+    "mha key padding and mask, float": (lambda: SelfAttention(need_weights=False), "float pad", True),
+    "mha key padding and mask, bool": (lambda: SelfAttention(), "bool pad", True),
+    "mha key padding, causal hint": (lambda: SelfAttention(need_weights=False, is_causal=True), "bool pad", True),
+    "mha batch-first, no_grad": (lambda: SelfAttention(batch_first=True, need_weights=False), "none", False),
+    "encoder post-norm relu fast path": (lambda: _encoder(), "none", False),
+    "encoder pre-norm gelu fast path": (lambda: _encoder(True, "gelu"), "none", False),
+    "encoder with autograd": (lambda: _encoder(True, "gelu"), "none", True),
+    "mha batch-first, no_grad, key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "pad", False),
+    "mha batch-first, no_grad, float mask": (lambda: SelfAttention(batch_first=True, need_weights=False), "random", False),
+    "mha batch-first, no_grad, bool mask and key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "bool pad", False),
+    "encoder fast path, key padding": (lambda: Encoder(), "pad", False),
+    "encoder fast path, causal mask": (lambda: Encoder(is_causal=True), "float", False),
+    "encoder fast path, mask and key padding": (lambda: Encoder(True, "gelu"), "bool pad", False),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(name):
+    make, mask_kind, grad = CASES[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    seq_first = isinstance(model, SelfAttention) and not model.attn.batch_first
+    x = torch.randn(L, B, E) if seq_first else torch.randn(B, L, E)
+    mask = _mask(mask_kind.replace(" pad", "")) if mask_kind not in ("none", "pad") else None
+    args = (x, mask, _pad(mask.dtype if mask is not None else torch.bool)) if "pad" in mask_kind else (x, mask)
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        ref = model(*args)
+    out, before, after = _spelled(model, args, grad)
+    fast_path = "fast path" in name  # the encoder layer's: nn.MultiheadAttention's is not taken under Dynamo
+    assert (torch._transformer_encoder_layer_fwd if fast_path else F.multi_head_attention_forward) in before
+    assert not any(t in OPAQUE for t in after)
+    assert after.count(F.scaled_dot_product_attention) == 1
+    assert after.count(F.linear) >= 2  # the packed QKV projection and the output projection (and the feed-forward)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+
+
+LEFT_WHOLE = {  # forms the spelling does not cover: (model, call args) -> still one call, still the module's value
+    "a mask per head": (lambda: SelfAttention(need_weights=False), lambda x: (x, torch.randn(B * HEADS, L, L))),
+    "attention weights returned": (lambda: SelfAttention(return_weights=True), lambda x: (x,)),
+    "bias_k and bias_v": (lambda: SelfAttention(add_bias_kv=True, need_weights=False), lambda x: (x,)),
+    "cross-attention": (lambda: CrossAttention(), lambda x: (x,)),
+}
+
+
+@pytest.mark.parametrize("name", LEFT_WHOLE)
+def test_forms_the_spelling_does_not_cover_stay_one_call(name):
+    make, call_args = LEFT_WHOLE[name]
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(L, B, E)
+    args = call_args(x)
+    out, before, after = _spelled(model, args, grad=True)
+    assert any(t in OPAQUE for t in after)
+    torch.testing.assert_close(out, model(*args))
+    compiled(model)(*args)
+    (miss,) = sites("attention")
+    assert miss.status == "missed" and REASONS[name] in miss.reason
+
+
+REASONS = {"a mask per head": "mask is not a float or bool tensor of shape", "attention weights returned": "attention weights are used",
+           "bias_k and bias_v": "bias_k is given", "cross-attention": "query, key and value differ"}
+
+
+def test_encoder_layers_fast_path_through_the_backend_rewrites_their_linears_and_attention():
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(256, 4, 512, dropout=0.0, batch_first=True),
+                                        2, enable_nested_tensor=False).eval().to(torch.bfloat16)
+    x = torch.randn(1, 2, 256, dtype=torch.bfloat16)  # decode-sized, where int8 beats bf16 on CPU
+    with torch.no_grad():
+        ref, out = model(x), compiled(model)(x)
+    linears, attention = matched("linear"), matched("attention")
+    assert len(linears) == 2 * 4 and len(attention) == 2
+    assert all(s.status == "rewritten" for s in linears)
+    assert sqnr_ref(ref.double(), out.double()) > 30
+
+
+def test_dynamic_sequence_lengths_keep_the_spelling():
+    torch.manual_seed(0)
+    model = _encoder(norm_first=True).eval()
+    c = torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(inner="eager")), dynamic=True)
+    with torch.no_grad():
+        for n in (5, 9):
+            x = torch.randn(B, n, E)
+            torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
+    assert matched("attention") and matched("linear")
