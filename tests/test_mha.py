@@ -27,8 +27,16 @@ class SelfAttention(torch.nn.Module):
 
 
 class CrossAttention(SelfAttention):
+    """x attending to a memory of Lk = L + 2 positions (keys and values one tensor, or two)."""
+
+    def __init__(self, values_apart=False, **kw):
+        super().__init__(**kw)
+        self.values_apart = values_apart
+
     def forward(self, x, mask=None, pad=None):
-        return self.attn(x, x.flip(0), x.flip(0), need_weights=False)[0]
+        memory = torch.cat([x, x[:2]]).flip(0)
+        return self.attn(x, memory, memory.sin() if self.values_apart else memory, attn_mask=mask,
+                         key_padding_mask=pad, need_weights=False)[0]
 
 
 def _encoder(norm_first=False, activation="relu"):
@@ -47,9 +55,9 @@ class Encoder(torch.nn.Module):
         return self.layer(x, src_mask=mask, src_key_padding_mask=pad, is_causal=self.is_causal)
 
 
-def _mask(kind: str):
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)  # float: 0 and -inf
-    return {"none": None, "float": causal, "bool": causal.isinf(), "random": torch.randn(L, L)}[kind]
+def _mask(kind: str, keys=L):
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(keys)[-L:]  # float: 0 and -inf
+    return {"none": None, "float": causal, "bool": causal.isinf(), "random": torch.randn(L, keys)}[kind]
 
 
 def _spelled(model, args, grad: bool):
@@ -69,8 +77,8 @@ def _spelled(model, args, grad: bool):
     return out, seen["before"], seen["after"]
 
 
-def _pad(dtype=torch.bool):
-    pad = torch.zeros(B, L, dtype=torch.bool)
+def _pad(dtype=torch.bool, keys=L):
+    pad = torch.zeros(B, keys, dtype=torch.bool)
     pad[0, -2:] = True  # the first sequence's last two keys are padding
     return pad if dtype == torch.bool else torch.zeros(B, L).masked_fill(pad, float("-inf"))
 
@@ -91,6 +99,9 @@ CASES = {  # name: (model, mask kind, autograd on)
     "encoder post-norm relu fast path": (lambda: _encoder(), "none", False),
     "encoder pre-norm gelu fast path": (lambda: _encoder(True, "gelu"), "none", False),
     "encoder with autograd": (lambda: _encoder(True, "gelu"), "none", True),
+    "cross-attention": (lambda: CrossAttention(), "none", True),
+    "cross-attention, values apart, no bias": (lambda: CrossAttention(True, bias=False), "none", True),
+    "cross-attention, mask and key padding": (lambda: CrossAttention(), "cross bool pad", False),
     "mha batch-first, no_grad, key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "pad", False),
     "mha batch-first, no_grad, float mask": (lambda: SelfAttention(batch_first=True, need_weights=False), "random", False),
     "mha batch-first, no_grad, bool mask and key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "bool pad", False),
@@ -107,8 +118,11 @@ def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(nam
     model = make().eval()
     seq_first = isinstance(model, SelfAttention) and not model.attn.batch_first
     x = torch.randn(L, B, E) if seq_first else torch.randn(B, L, E)
-    mask = _mask(mask_kind.replace(" pad", "")) if mask_kind not in ("none", "pad") else None
-    args = (x, mask, _pad(mask.dtype if mask is not None else torch.bool)) if "pad" in mask_kind else (x, mask)
+    keys = L + 2 if isinstance(model, CrossAttention) else L
+    kind = mask_kind.replace(" pad", "").replace("cross ", "")
+    mask = _mask(kind, keys) if kind not in ("none", "pad") else None
+    pad = _pad(mask.dtype if mask is not None else torch.bool, keys)
+    args = (x, mask, pad) if "pad" in mask_kind else (x, mask)
     with contextlib.nullcontext() if grad else torch.no_grad():
         ref = model(*args)
     out, before, after = _spelled(model, args, grad)
@@ -116,7 +130,8 @@ def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(nam
     assert (torch._transformer_encoder_layer_fwd if fast_path else F.multi_head_attention_forward) in before
     assert not any(t in OPAQUE for t in after)
     assert after.count(F.scaled_dot_product_attention) == 1
-    assert after.count(F.linear) >= 2  # the packed QKV projection and the output projection (and the feed-forward)
+    projections = 2 if not isinstance(model, CrossAttention) else 4 if model.values_apart else 3
+    assert after.count(F.linear) == projections + 2 * ("encoder" in name)  # and the feed-forward's
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
 
 
@@ -124,7 +139,6 @@ LEFT_WHOLE = {  # forms the spelling does not cover: (model, call args) -> still
     "a mask per head": (lambda: SelfAttention(need_weights=False), lambda x: (x, torch.randn(B * HEADS, L, L))),
     "attention weights returned": (lambda: SelfAttention(return_weights=True), lambda x: (x,)),
     "bias_k and bias_v": (lambda: SelfAttention(add_bias_kv=True, need_weights=False), lambda x: (x,)),
-    "cross-attention": (lambda: CrossAttention(), lambda x: (x,)),
 }
 
 
@@ -143,7 +157,7 @@ def test_forms_the_spelling_does_not_cover_stay_one_call(name):
 
 
 REASONS = {"a mask per head": "mask is not a float or bool tensor of shape", "attention weights returned": "attention weights are used",
-           "bias_k and bias_v": "bias_k is given", "cross-attention": "query, key and value differ"}
+           "bias_k and bias_v": "bias_k is given"}
 
 
 def test_encoder_layers_fast_path_through_the_backend_rewrites_their_linears_and_attention():
@@ -168,3 +182,16 @@ def test_dynamic_sequence_lengths_keep_the_spelling():
             x = torch.randn(B, n, E)
             torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
     assert matched("attention") and matched("linear")
+
+
+def test_decoder_layers_cross_attention_linears_read_slices_of_the_packed_projection_and_release_it():
+    torch.manual_seed(0)
+    model = torch.nn.TransformerDecoderLayer(256, 4, 512, dropout=0.0, batch_first=True).eval().to(torch.bfloat16)
+    x, memory = (torch.randn(1, n, 256, dtype=torch.bfloat16) for n in (2, 5))
+    with torch.no_grad():
+        ref, out = model(x, memory), compiled(model, release_weights=True)(x, memory)
+    linears = matched("linear")
+    assert len(linears) == 7 and all(s.status == "rewritten" for s in linears)  # cross-attention: q, then k and v
+    assert {s.op for s in sites("weight", "released")} >= {"L_fn_modules_multihead_attn_parameters_in_proj_weight_"}
+    assert len(matched("attention")) == 2
+    assert sqnr_ref(ref.double(), out.double()) > 30

@@ -62,14 +62,15 @@ class GraphInfo:
         self.placeholder_values = dict(zip(placeholders, self.example_inputs))
 
     def parameter(self, node) -> torch.Tensor | None:
-        """The real tensor behind a weight argument, if it is a parameter or a module attribute, or one matrix of a
-        stacked one (`W[i]`, a constant index, as JetMoE's experts index theirs)."""
+        """The real tensor behind a weight argument, if it is a parameter or a module attribute, one matrix of a
+        stacked one (`W[i]`, a constant index, as JetMoE's experts index theirs) or a constant slice of one (`W[a:b]`,
+        a packed projection's part)."""
         if not isinstance(node, fx.Node):
             return None
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
-            stack = self.parameter(node.args[0])
-            if stack is not None and stack.dim() >= 3:
-                return self.slices.setdefault(node, stack[node.args[1]])
+        if node.op == "call_function" and node.target is operator.getitem and _constant_index(node.args[1]):
+            whole = self.parameter(node.args[0])
+            if whole is not None and whole.dim() >= (3 if isinstance(node.args[1], int) else 1):
+                return self.slices.setdefault(node, whole[node.args[1]])
             return None
         if node.op == "placeholder":
             value = self.placeholder_values.get(node)
@@ -85,7 +86,8 @@ class GraphInfo:
         """What names a parameter() argument in every graph that reads it: its graph input or attribute name, with the
         index of a stack's matrix."""
         if node.op == "call_function" and node.target is operator.getitem:
-            return f"{self.name(node.args[0])}[{node.args[1]}]"
+            i = node.args[1]
+            return f"{self.name(node.args[0])}[{f'{i.start or 0}:{i.stop}' if isinstance(i, slice) else i}]"
         return str(node.target)
 
     @property
@@ -93,6 +95,12 @@ class GraphInfo:
         from torch._subclasses.fake_tensor import is_fake
 
         return not any(isinstance(v, torch.Tensor) and is_fake(v) for v in self.example_inputs)
+
+
+def _constant_index(i) -> bool:
+    """An int, or a slice of int (or open) bounds and no step."""
+    return isinstance(i, int) or (isinstance(i, slice) and i.step is None and
+                                  all(b is None or isinstance(b, int) for b in (i.start, i.stop)))
 
 
 def bind(node: fx.Node, names: tuple[str, ...]) -> dict:

@@ -3,8 +3,8 @@ QKV linear, SDPA and the output linear (and for the encoder layer's fast path it
 so that the linear and attention matchers see them. Under Dynamo nn.MultiheadAttention calls
 F.multi_head_attention_forward (its native fast path is not taken), and nn.TransformerEncoderLayer under no_grad calls
 its fast path, torch._transformer_encoder_layer_fwd, with the masks merged (nn.MultiheadAttention.merge_masks).
-Self-attention with an [L, L] mask and a key padding is spelled; other forms (cross-attention, a mask per head,
-bias_k/v, the attention weights used, ...) stay one call, and unspelled() says why."""
+Attention with an [L, Lk] mask and a key padding is spelled; other forms (a mask per head, bias_k/v, separate
+projection weights, the attention weights used, ...) stay one call, and unspelled() says why."""
 from __future__ import annotations
 
 import operator
@@ -24,16 +24,30 @@ ENCODER_LAYER_ARGS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias",
                       "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type")
 
 
-def self_attention(x, w, b, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None):
-    """x [B, L, E] attending to itself: F.linear(x, w, b) holds q, k and v, each E = heads x D wide. mask [L, L] and
-    the key padding pad [B, L] are added to the scores, as nn.MultiheadAttention takes them: float, or bool with
-    True where not attended (-inf in dtype)."""
-    qkv = F.linear(x, w, b).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)  # [3, B, H, L, D]
+def self_attention(x, w, b, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None,
+                   kv=None, kv_parts: int = 1, embed_dim: int = 0):
+    """x [B, L, E] attending to itself, or to kv [B, Lk, E] (kv_parts 1: keys and values from one tensor; 2: kv is
+    (key, value); E = embed_dim), through nn.MultiheadAttention's packed projection w [3E, E] of q, k and v rows: one linear for
+    self-attention, one for q and one or two for k and v otherwise. mask [L, Lk] and the key padding pad [B, Lk] are
+    added to the scores, as nn.MultiheadAttention takes them: float, or bool with True where not attended (-inf in
+    dtype)."""
+    by_head = lambda t, n: t.unflatten(-1, (n, heads, -1)).permute(2, 0, 3, 1, 4)  # [n, B, H, L, D]
+    if kv is None:
+        qkv = by_head(F.linear(x, w, b), 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+    else:
+        rows = lambda t, i, n: None if t is None else t[i * embed_dim:(i + n) * embed_dim]
+        q = by_head(F.linear(x, rows(w, 0, 1), rows(b, 0, 1)), 1)[0]
+        if kv_parts == 1:
+            both = by_head(F.linear(kv, rows(w, 1, 2), rows(b, 1, 2)), 2)
+            k, v = both[0], both[1]
+        else:
+            k, v = (by_head(F.linear(kv[i], rows(w, 1 + i, 1), rows(b, 1 + i, 1)), 1)[0] for i in range(2))
     mask, pad = (_additive(m, dtype) for m in (mask, pad))
     if pad is not None:
         pad = pad[:, None, None, :]
         mask = pad if mask is None else mask + pad
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=is_causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     return F.linear(out.transpose(1, 2).flatten(-2), out_w, out_b)
 
 
@@ -89,18 +103,23 @@ def _mha(node):
     # as F.mha: is_causal (a hint beside the mask) replaces the mask unless the weights or a key padding are computed
     is_causal = bool(a.get("is_causal")) and not a.get("need_weights", True) and pad is None
     mask = None if is_causal else a.get("attn_mask")
-    L, B = _first_two_sizes(x)  # seq-first
-    why = _refusal(node, x, a["key"], a["value"], {"mask": (mask, [L, L]), "key padding": (pad, [B, L])}) or (
+    (L, B), (Lk, _) = _first_two_sizes(x), _first_two_sizes(a["key"])  # seq-first
+    why = _refusal(node, x, a["key"], a["value"], {"mask": (mask, [L, Lk]), "key padding": (pad, [B, Lk])}) or (
         f"{given[0]} is given" if given else "add_zero_attn is set" if a.get("add_zero_attn") else
         "it uses separate q, k and v projection weights" if a.get("use_separate_proj_weight") else
         "dropout is on" if a.get("dropout_p", 0.0) and a.get("training", True) else None)
     if why:
         return why
     as_bool = lambda m: fake(x).dtype if m is not None and fake(m).dtype == torch.bool else None
-    return a, lambda p: self_attention(
-        p["query"].transpose(0, 1), p["in_proj_weight"], p.get("in_proj_bias"), p["out_proj_weight"],
-        p.get("out_proj_bias"), a["num_heads"], None if is_causal else p.get("attn_mask"), p.get("key_padding_mask"),
-        is_causal, as_bool(mask) or as_bool(pad)).transpose(0, 1)
+    kv_parts = 0 if x is a["key"] is a["value"] else 1 if a["key"] is a["value"] else 2
+
+    def spelled(p):
+        kv = (None, p["key"].transpose(0, 1), (p["key"].transpose(0, 1), p["value"].transpose(0, 1)))[kv_parts]
+        return self_attention(p["query"].transpose(0, 1), p["in_proj_weight"], p.get("in_proj_bias"),
+                              p["out_proj_weight"], p.get("out_proj_bias"), a["num_heads"],
+                              None if is_causal else p.get("attn_mask"), p.get("key_padding_mask"), is_causal,
+                              as_bool(mask) or as_bool(pad), kv, kv_parts, fake(a["in_proj_weight"]).shape[1]).transpose(0, 1)
+    return a, spelled
 
 
 def _encoder_layer(node):
@@ -139,13 +158,10 @@ def _first_two_sizes(x: fx.Node) -> list:
 
 
 def _refusal(node, query, key, value, masks: dict) -> str | None:
-    """Why a call cannot be spelled as self-attention over one 3-D x with masks {role: (node or None, the shape it
-    must have)}, each float or bool, all of one dtype (F.mha's rule)."""
-    x = fake(query)
-    if not (isinstance(query, fx.Node) and query is key is value):
-        return "its query, key and value differ (only self-attention is spelled out)"
-    if x is None or x.dim() != 3 or x.is_nested:
-        return "its input is not a 3-D tensor"
+    """Why a call cannot be spelled as attention over 3-D query, key and value with masks {role: (node or None, the
+    shape it must have)}, each float or bool, all of one dtype (F.mha's rule)."""
+    if any(fake(t) is None or fake(t).dim() != 3 or fake(t).is_nested for t in (query, key, value)):
+        return "its query, key or value is not a 3-D tensor"
     tuple_users = node.users if fake(node) is None else ()  # (output, attention weights)
     if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in tuple_users):
         return "its attention weights are used"
