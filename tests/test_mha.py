@@ -16,9 +16,11 @@ OPAQUE = tuple(mha.SPELLINGS)
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, batch_first=False, bias=True, add_bias_kv=False, return_weights=False, **call):
+    def __init__(self, batch_first=False, return_weights=False, kdim=None, vdim=None, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, **call):
         super().__init__()
-        self.attn = torch.nn.MultiheadAttention(E, HEADS, bias=bias, add_bias_kv=add_bias_kv, batch_first=batch_first)
+        self.attn = torch.nn.MultiheadAttention(E, HEADS, bias=bias, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
+                                                kdim=kdim, vdim=vdim, batch_first=batch_first)
         self.call, self.return_weights = call, return_weights
 
     def forward(self, x, mask=None, pad=None):
@@ -35,8 +37,9 @@ class CrossAttention(SelfAttention):
 
     def forward(self, x, mask=None, pad=None):
         memory = torch.cat([x, x[:2]]).flip(0)
-        return self.attn(x, memory, memory.sin() if self.values_apart else memory, attn_mask=mask,
-                         key_padding_mask=pad, need_weights=False)[0]
+        key = memory if self.attn.kdim == E else memory[..., :self.attn.kdim]
+        value = memory if self.attn.vdim == E and not self.values_apart else memory.sin()[..., :self.attn.vdim]
+        return self.attn(x, key, value, attn_mask=mask, key_padding_mask=pad, need_weights=False)[0]
 
 
 def _encoder(norm_first=False, activation="relu"):
@@ -55,9 +58,19 @@ class Encoder(torch.nn.Module):
         return self.layer(x, src_mask=mask, src_key_padding_mask=pad, is_causal=self.is_causal)
 
 
+def _random_biases(model):
+    """nn.MultiheadAttention starts its biases at zero: random ones, so that a bias taken from the wrong rows shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    return model
+
+
 def _mask(kind: str, keys=L):
     causal = torch.nn.Transformer.generate_square_subsequent_mask(keys)[-L:]  # float: 0 and -inf
-    return {"none": None, "float": causal, "bool": causal.isinf(), "random": torch.randn(L, keys)}[kind]
+    return {"none": None, "float": causal, "bool": causal.isinf(), "random": torch.randn(L, keys),
+            "per head": torch.randn(B * HEADS, L, keys)}[kind]
 
 
 def _spelled(model, args, grad: bool):
@@ -80,7 +93,7 @@ def _spelled(model, args, grad: bool):
 def _pad(dtype=torch.bool, keys=L):
     pad = torch.zeros(B, keys, dtype=torch.bool)
     pad[0, -2:] = True  # the first sequence's last two keys are padding
-    return pad if dtype == torch.bool else torch.zeros(B, L).masked_fill(pad, float("-inf"))
+    return pad if dtype == torch.bool else torch.zeros(B, keys).masked_fill(pad, float("-inf"))
 
 
 CASES = {  # name: (model, mask kind, autograd on)
@@ -102,6 +115,8 @@ CASES = {  # name: (model, mask kind, autograd on)
     "cross-attention": (lambda: CrossAttention(), "none", True),
     "cross-attention, values apart, no bias": (lambda: CrossAttention(True, bias=False), "none", True),
     "cross-attention, mask and key padding": (lambda: CrossAttention(), "cross bool pad", False),
+    "cross-attention, separate projection weights": (lambda: CrossAttention(kdim=24, vdim=16), "float pad", True),
+    "mha mask per head": (lambda: SelfAttention(need_weights=False), "per head", True),
     "mha batch-first, no_grad, key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "pad", False),
     "mha batch-first, no_grad, float mask": (lambda: SelfAttention(batch_first=True, need_weights=False), "random", False),
     "mha batch-first, no_grad, bool mask and key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "bool pad", False),
@@ -115,7 +130,7 @@ CASES = {  # name: (model, mask kind, autograd on)
 def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(name):
     make, mask_kind, grad = CASES[name]
     torch.manual_seed(0)
-    model = make().eval()
+    model = _random_biases(make().eval())
     seq_first = isinstance(model, SelfAttention) and not model.attn.batch_first
     x = torch.randn(L, B, E) if seq_first else torch.randn(B, L, E)
     keys = L + 2 if isinstance(model, CrossAttention) else L
@@ -130,13 +145,13 @@ def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(nam
     assert (torch._transformer_encoder_layer_fwd if fast_path else F.multi_head_attention_forward) in before
     assert not any(t in OPAQUE for t in after)
     assert after.count(F.scaled_dot_product_attention) == 1
-    projections = 2 if not isinstance(model, CrossAttention) else 4 if model.values_apart else 3
+    projections = 2 if not isinstance(model, CrossAttention) else 4 if model.values_apart or model.attn.kdim != E else 3
     assert after.count(F.linear) == projections + 2 * ("encoder" in name)  # and the feed-forward's
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
 
 
 LEFT_WHOLE = {  # forms the spelling does not cover: (model, call args) -> still one call, still the module's value
-    "a mask per head": (lambda: SelfAttention(need_weights=False), lambda x: (x, torch.randn(B * HEADS, L, L))),
+    "add_zero_attn": (lambda: SelfAttention(add_zero_attn=True, need_weights=False), lambda x: (x,)),
     "attention weights returned": (lambda: SelfAttention(return_weights=True), lambda x: (x,)),
     "bias_k and bias_v": (lambda: SelfAttention(add_bias_kv=True, need_weights=False), lambda x: (x,)),
 }
@@ -156,7 +171,7 @@ def test_forms_the_spelling_does_not_cover_stay_one_call(name):
     assert miss.status == "missed" and REASONS[name] in miss.reason
 
 
-REASONS = {"a mask per head": "mask is not a float or bool tensor of shape", "attention weights returned": "attention weights are used",
+REASONS = {"add_zero_attn": "add_zero_attn is set", "attention weights returned": "attention weights are used",
            "bias_k and bias_v": "bias_k is given"}
 
 

@@ -3,8 +3,9 @@ QKV linear, SDPA and the output linear (and for the encoder layer's fast path it
 so that the linear and attention matchers see them. Under Dynamo nn.MultiheadAttention calls
 F.multi_head_attention_forward (its native fast path is not taken), and nn.TransformerEncoderLayer under no_grad calls
 its fast path, torch._transformer_encoder_layer_fwd, with the masks merged (nn.MultiheadAttention.merge_masks).
-Attention with an [L, Lk] mask and a key padding is spelled; other forms (a mask per head, bias_k/v, separate
-projection weights, the attention weights used, ...) stay one call, and unspelled() says why."""
+Attention with a mask ([L, Lk] or one per head) and a key padding is spelled, with packed or separate projection
+weights; other forms (bias_k/v, add_zero_attn, the attention weights used, ...) stay one call, and unspelled() says
+why."""
 from __future__ import annotations
 
 import operator
@@ -24,30 +25,31 @@ ENCODER_LAYER_ARGS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias",
                       "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type")
 
 
-def self_attention(x, w, b, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None,
-                   kv=None, kv_parts: int = 1, embed_dim: int = 0):
-    """x [B, L, E] attending to itself, or to kv [B, Lk, E] (kv_parts 1: keys and values from one tensor; 2: kv is
-    (key, value); E = embed_dim), through nn.MultiheadAttention's packed projection w [3E, E] of q, k and v rows: one linear for
-    self-attention, one for q and one or two for k and v otherwise. mask [L, Lk] and the key padding pad [B, Lk] are
-    added to the scores, as nn.MultiheadAttention takes them: float, or bool with True where not attended (-inf in
-    dtype)."""
-    by_head = lambda t, n: t.unflatten(-1, (n, heads, -1)).permute(2, 0, 3, 1, 4)  # [n, B, H, L, D]
-    if kv is None:
-        qkv = by_head(F.linear(x, w, b), 3)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-    else:
-        rows = lambda t, i, n: None if t is None else t[i * embed_dim:(i + n) * embed_dim]
-        q = by_head(F.linear(x, rows(w, 0, 1), rows(b, 0, 1)), 1)[0]
-        if kv_parts == 1:
-            both = by_head(F.linear(kv, rows(w, 1, 2), rows(b, 1, 2)), 2)
-            k, v = both[0], both[1]
-        else:
-            k, v = (by_head(F.linear(kv[i], rows(w, 1 + i, 1), rows(b, 1 + i, 1)), 1)[0] for i in range(2))
+def packed_projections(query, key, value, w, b, embed_dim: int):
+    """q, k and v through nn.MultiheadAttention's packed projection w [3E, E] (q, k and v rows): one linear when
+    query, key and value are one tensor; else one for q and one for k and v when they are one, or one each, over
+    constant slices of w."""
+    if query is key is value:
+        qkv = F.linear(query, w, b).chunk(3, -1)
+        return qkv[0], qkv[1], qkv[2]
+    rows = lambda t, i, n: None if t is None else t[i * embed_dim:(i + n) * embed_dim]
+    q = F.linear(query, rows(w, 0, 1), rows(b, 0, 1))
+    if key is value:
+        kv = F.linear(key, rows(w, 1, 2), rows(b, 1, 2)).chunk(2, -1)
+        return q, kv[0], kv[1]
+    return q, F.linear(key, rows(w, 1, 1), rows(b, 1, 1)), F.linear(value, rows(w, 2, 1), rows(b, 2, 1))
+
+
+def attention(q, k, v, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None):
+    """Projected q [B, L, E], k and v [B, Lk, E] split into heads, SDPA, the output projection. mask ([L, Lk], or
+    [B, H, L, Lk]) and the key padding pad [B, Lk] are added to the scores as nn.MultiheadAttention takes them: float,
+    or bool with True where not attended (-inf in dtype)."""
+    by_head = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, H, L, D]
     mask, pad = (_additive(m, dtype) for m in (mask, pad))
     if pad is not None:
         pad = pad[:, None, None, :]
         mask = pad if mask is None else mask + pad
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    out = F.scaled_dot_product_attention(by_head(q), by_head(k), by_head(v), attn_mask=mask, is_causal=is_causal)
     return F.linear(out.transpose(1, 2).flatten(-2), out_w, out_b)
 
 
@@ -59,11 +61,11 @@ def _additive(mask, dtype):
 
 
 def encoder_layer(x, a: dict, masks: dict):
-    """torch._transformer_encoder_layer_fwd's value (a: its arguments by name, masks: self_attention's mask
+    """torch._transformer_encoder_layer_fwd's value (a: its arguments by name, masks: attention()'s mask
     arguments): nn.TransformerEncoderLayer's forward, pre- or post-norm."""
     E, eps = a["embed_dim"], a["eps"]
-    attend = lambda h: self_attention(h, a["qkv_weight"], a["qkv_bias"], a["proj_weight"], a["proj_bias"],
-                                      a["num_heads"], **masks)
+    attend = lambda h: attention(*packed_projections(h, h, h, a["qkv_weight"], a["qkv_bias"], E), a["proj_weight"],
+                                 a["proj_bias"], a["num_heads"], **masks)
     ffn = lambda h: F.linear((F.gelu if a["use_gelu"] else F.relu)(F.linear(h, a["ffn_weight_1"], a["ffn_bias_1"])),
                              a["ffn_weight_2"], a["ffn_bias_2"])
     norm1 = lambda h: F.layer_norm(h, (E,), a["norm_weight_1"], a["norm_bias_1"], eps)
@@ -95,30 +97,40 @@ def unspelled(node: fx.Node) -> str | None:
 
 
 def _mha(node):
-    """F.multi_head_attention_forward (seq-first [L, B, E]) in the form nn.MultiheadAttention uses for self-attention:
-    (its arguments, the spelling), or why not."""
+    """F.multi_head_attention_forward (seq-first [L, B, E]) as nn.MultiheadAttention calls it: (its arguments, the
+    spelling), or why not."""
     a = bind(node, MHA_ARGS)
-    given = [n for n in ("bias_k", "bias_v", "static_k", "static_v", "q_proj_weight") if a.get(n) is not None]
-    x, pad = a["query"], a.get("key_padding_mask")
+    given = [n for n in ("bias_k", "bias_v", "static_k", "static_v") if a.get(n) is not None]
+    x, pad, heads = a["query"], a.get("key_padding_mask"), a["num_heads"]
     # as F.mha: is_causal (a hint beside the mask) replaces the mask unless the weights or a key padding are computed
     is_causal = bool(a.get("is_causal")) and not a.get("need_weights", True) and pad is None
     mask = None if is_causal else a.get("attn_mask")
-    (L, B), (Lk, _) = _first_two_sizes(x), _first_two_sizes(a["key"])  # seq-first
-    why = _refusal(node, x, a["key"], a["value"], {"mask": (mask, [L, Lk]), "key padding": (pad, [B, Lk])}) or (
+    (L, B), (Lk, _) = _first_two_sizes(x), _first_two_sizes(a["key"])
+    mask_shape = [L, Lk] if fake(mask) is None or fake(mask).dim() == 2 else [B * heads, L, Lk]
+    why = _refusal(node, x, a["key"], a["value"], {"mask": (mask, mask_shape), "key padding": (pad, [B, Lk])}) or (
         f"{given[0]} is given" if given else "add_zero_attn is set" if a.get("add_zero_attn") else
-        "it uses separate q, k and v projection weights" if a.get("use_separate_proj_weight") else
         "dropout is on" if a.get("dropout_p", 0.0) and a.get("training", True) else None)
     if why:
         return why
     as_bool = lambda m: fake(x).dtype if m is not None and fake(m).dtype == torch.bool else None
-    kv_parts = 0 if x is a["key"] is a["value"] else 1 if a["key"] is a["value"] else 2
+    E = fake(a["out_proj_weight"]).shape[1]
 
     def spelled(p):
-        kv = (None, p["key"].transpose(0, 1), (p["key"].transpose(0, 1), p["value"].transpose(0, 1)))[kv_parts]
-        return self_attention(p["query"].transpose(0, 1), p["in_proj_weight"], p.get("in_proj_bias"),
-                              p["out_proj_weight"], p.get("out_proj_bias"), a["num_heads"],
-                              None if is_causal else p.get("attn_mask"), p.get("key_padding_mask"), is_causal,
-                              as_bool(mask) or as_bool(pad), kv, kv_parts, fake(a["in_proj_weight"]).shape[1]).transpose(0, 1)
+        batch_first = {}  # one per tensor, so that the projections see which of query, key and value are one
+        for n in ("query", "key", "value"):
+            batch_first.setdefault(a[n], p[n].transpose(0, 1))
+        query, key, value = (batch_first[a[n]] for n in ("query", "key", "value"))
+        if a.get("use_separate_proj_weight"):
+            b = p.get("in_proj_bias")
+            q, k, v = (F.linear(t, p[f"{n}_proj_weight"], None if b is None else b[i * E:(i + 1) * E])
+                       for i, (t, n) in enumerate(zip((query, key, value), "qkv")))
+        else:
+            q, k, v = packed_projections(query, key, value, p["in_proj_weight"], p.get("in_proj_bias"), E)
+        m = None if is_causal else p.get("attn_mask")
+        m = m.unflatten(0, (-1, heads)) if m is not None and len(mask_shape) == 3 else m  # [B, H, L, Lk]
+        out = attention(q, k, v, p["out_proj_weight"], p.get("out_proj_bias"), heads, m, p.get("key_padding_mask"),
+                        is_causal, as_bool(mask) or as_bool(pad))
+        return out.transpose(0, 1)
     return a, spelled
 
 
@@ -142,7 +154,7 @@ def _merged_mask(x, mask, mask_type, heads: int) -> dict:
 
 
 def _by_role(masks: dict, mask, dtype) -> dict:
-    """self_attention's mask arguments for the fast path's one mask."""
+    """attention()'s mask arguments for the fast path's one mask."""
     if not masks:
         return {}
     (role, (node, _)), = masks.items()
