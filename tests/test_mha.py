@@ -210,3 +210,18 @@ def test_decoder_layers_cross_attention_linears_read_slices_of_the_packed_projec
     assert {s.op for s in sites("weight", "released")} >= {"L_fn_modules_multihead_attn_parameters_in_proj_weight_"}
     assert len(matched("attention")) == 2
     assert sqnr_ref(ref.double(), out.double()) > 30
+
+
+def test_a_spelling_that_fails_leaves_the_call_whole_and_says_why(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(mha, "packed_projections", broken)
+    torch.manual_seed(0)
+    model, x = SelfAttention(need_weights=False).eval(), torch.randn(L, B, E)
+    out, before, after = _spelled(model, (x,), grad=True)
+    assert after == before  # the nodes traced before the failure are gone
+    torch.testing.assert_close(out, model(x))
+    compiled(model)(x)
+    (miss,) = sites("attention")
+    assert miss.status == "missed" and "spelling it failed: RuntimeError: no such op" in miss.reason

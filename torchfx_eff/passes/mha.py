@@ -84,15 +84,14 @@ def decompose(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         spell = SPELLINGS.get(node.target) if node.op == "call_function" else None
         if spell and not isinstance(found := spell(node), str):
-            _inline(gm, node, *found)
-            done += 1
+            done += _inline(gm, node, *found)
     return done
 
 
 def unspelled(node: fx.Node) -> str | None:
     """Why decompose() leaves node, one of torch's attention calls, whole (None: not such a call)."""
     spell = SPELLINGS.get(node.target) if node.op == "call_function" else None
-    found = spell and spell(node)
+    found = spell and (node.meta.get(FAILED) or spell(node))
     return found if isinstance(found, str) else None
 
 
@@ -162,6 +161,7 @@ def _by_role(masks: dict, mask, dtype) -> dict:
 
 
 SPELLINGS = {F.multi_head_attention_forward: _mha, torch._transformer_encoder_layer_fwd: _encoder_layer}
+FAILED = "torchfx_eff_mha_failed"  # node.meta key: why _inline gave up on it
 
 
 def _first_two_sizes(x: fx.Node) -> list:
@@ -187,22 +187,30 @@ def _refusal(node, query, key, value, masks: dict) -> str | None:
     return None
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, spelled) -> None:
+def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, spelled) -> bool:
     """Trace spelled(node's args by name, each node a proxy) into gm before node, give the new nodes fake values and
-    node's source location, and route node's value (a tuple's: its getitem(0)s) to the result."""
+    node's source location, and route node's value (a tuple's: its getitem(0)s) to the result. Where tracing or the
+    fake values fail, the new nodes go, node stays and unspelled() gives the error."""
     graph, before = gm.graph, set(gm.graph.nodes)
     tracer = fx.proxy.GraphAppendingTracer(graph)
-    with graph.inserting_before(node):
-        out = spelled({k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in args.items()}).node
     fake_mode = fake(node.args[0]).fake_mode  # the graph's (detect_fake_mode would find the tracing context's)
     values = {}
-    for n in graph.nodes:
-        if n not in before:  # in graph order, so each one's inputs have values
-            n.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
-            with fake_mode:
-                values[n] = n.meta["example_value"] = call(n, lambda m: values.get(m, m.meta.get("example_value")))
+    try:
+        with graph.inserting_before(node):
+            out = spelled({k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in args.items()}).node
+        for n in graph.nodes:
+            if n not in before:  # in graph order, so each one's inputs have values
+                n.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+                with fake_mode:
+                    values[n] = n.meta["example_value"] = call(n, lambda m: values.get(m, m.meta.get("example_value")))
+    except Exception as e:  # e.g. an op the fake tensors refuse
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        node.meta[FAILED] = f"spelling it failed: {type(e).__name__}: {e}"
+        return False
     for user in list(node.users) if fake(node) is None else []:  # (output, weights): the getitem(0)s
         user.replace_all_uses_with(out)
         graph.erase_node(user)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+    return True
