@@ -60,7 +60,9 @@ _HOPPER_EFFICIENCY = {
     # MoE experts' int8 Triton kernel (kernels/experts.py) at Mixtral 8x7B's stacks (bench/results/gpu_linear-experts-*):
     # 0.76-1.0 of copy bandwidth in the int8 weights read at 2-32 rows, ~300 TFLOP/s (0.42 of the bf16 rate) at 1024
     "int8_experts": (0.42, 0.76),
-    "int4_experts": (0.3, 0.6),  # not measured yet: int8's, less for decoding in registers
+    # its int4 kernel, the same stacks (gpu_linear-experts-*-2026-12-08): 0.23-0.56 TB/s of int4 bytes (0.075-0.19
+    # of copy) at 2-32 rows, 39 TFLOP/s (0.055) at 1024: slower than bf16 _grouped_mm everywhere, so never chosen there
+    "int4_experts": (0.055, 0.075),
     # the GEMVs' FLOP fractions: int4 >= 0.0072 measured (5.7 TFLOP/s at 4096x14336, M=1, still bandwidth-bound),
     # int8 >= 0.0070 (23.1 us at 4096x14336, e54bd7d; 0.004 had costed its M=1 GEMV compute-bound, 15.7 us at
     # 2048x8192 where it ran 9.4); their cost at 2 rows is unmeasured (bench/run.py --parts crossover times it)
