@@ -188,15 +188,22 @@ def test_encoder_layers_fast_path_through_the_backend_rewrites_their_linears_and
     assert sqnr_ref(ref.double(), out.double()) > 30
 
 
-def test_dynamic_sequence_lengths_keep_the_spelling():
+@pytest.mark.parametrize("masks", ["none", "key padding", "causal mask and key padding"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fast path", "autograd"])
+def test_dynamic_sequence_lengths_keep_the_spelling(masks, grad):
+    """Symbolic batch and sequence sizes, the masks' shapes checked against them symbolically."""
     torch.manual_seed(0)
-    model = _encoder(norm_first=True).eval()
+    model = _random_biases(Encoder(norm_first=True).eval())
     c = torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(inner="eager")), dynamic=True)
-    with torch.no_grad():
-        for n in (5, 9):
-            x = torch.randn(B, n, E)
-            torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
-    assert matched("attention") and matched("linear")
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        for b, n in ((2, 5), (3, 9)):
+            x, pad = torch.randn(b, n, E), torch.zeros(b, n, dtype=torch.bool)
+            pad[0, -2:] = True
+            causal = torch.nn.Transformer.generate_square_subsequent_mask(n).isinf()  # bool, as the padding is
+            mask = causal if "causal" in masks else None
+            args = (x, mask, pad if "padding" in masks else None)
+            torch.testing.assert_close(c(*args), model(*args), atol=1e-5, rtol=1e-5)
+    assert matched("attention") and matched("linear") and not sites("attention", "missed")
 
 
 def test_decoder_layers_cross_attention_linears_read_slices_of_the_packed_projection_and_release_it():
