@@ -308,8 +308,25 @@ def _in_place(m, q, k, v, mask, **x):  # Falcon's eager attention scales its sco
     return torch.softmax(scores, -1) @ v
 
 
+def _baddbmm_3d(m, q, k, v, **x):  # ALiBi added inside the score product, all over (B·H, L, D)
+    q3, k3, v3 = (t.flatten(0, 1) for t in (q, k, v))
+    alibi = torch.arange(L, dtype=q.dtype).expand(B * H, 1, L)
+    scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(1, 2), beta=1.0, alpha=S)
+    return torch.bmm(F.softmax(scores, dim=-1), v3).view(B, H, L, D)
+
+
+def _bloom(m, q, k, v, mask, **x):  # BLOOM: baddbmm over (B·H, L, D), viewed to (B, H, L, L) for its mask and softmax
+    q3, k3, v3 = (t.flatten(0, 1) for t in (q, k, v))
+    alibi = torch.linspace(0, 1, B * H * L).view(B * H, 1, L)
+    scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=S)
+    probs = F.softmax(scores.view(B, H, L, -1) + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(m.drop(probs).view(B * H, L, -1), v3).view(B, H, L, D)
+
+
 # name -> (spelling, key length, what the site must hold)
 TAKEN = {
+    "baddbmm_3d": (_baddbmm_3d, L, {"scale": S, "masks": 1, "H": B * H, "rewritten": False}),
+    "bloom_merged_heads": (_bloom, L, {"scale": S, "masks": 2}),
     "matmul_transpose": (lambda m, q, k, v, **x: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * S, dim=-1) @ v,
                          L, {"scale": S, "k_transposed": True}),
     "operator_mT_div": (lambda m, q, k, v, **x: F.softmax(q @ k.mT / D ** 0.5, dim=-1) @ v, L, {"scale": S}),
@@ -342,23 +359,6 @@ TAKEN = {
         ((q @ k.mT) * (S * 0.02)).tanh().div(0.02).masked_fill(pad, NEG_INF), -1) @ v,
         L, {"scale": S, "softcap": 50.0, "fill": NEG_INF}),
 }
-
-
-def test_eager_attention_with_baddbmm_scores_is_missed_with_reason():
-    """BLOOM adds its ALiBi bias inside the score product: alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(D))."""
-    def bloom_like(m, q, k, v, **x):
-        q3, k3, v3 = (t.flatten(0, 1) for t in (q, k, v))
-        alibi = torch.arange(L, dtype=q.dtype).expand(B * H, 1, L)
-        scores = alibi.baddbmm(batch1=q3, batch2=k3.transpose(1, 2), beta=1.0, alpha=S)
-        return torch.bmm(F.softmax(scores, dim=-1), v3).view(B, H, L, D)
-
-    model, args = EagerAttention(bloom_like).eval(), _attention_inputs(L)
-    with torch.no_grad():
-        ref = model(*args)
-        out = compiled(model)(*args)
-    [miss] = sites("attention")
-    assert miss.status == "missed" and "baddbmm" in miss.reason
-    assert torch.equal(out, ref)
 
 
 def _the_site(found):

@@ -169,3 +169,31 @@ def test_every_linear_layer_is_a_linear_site(model_type):
            for p in (m.in_proj_weight, m.out_proj.weight)}
     assert mha <= whole and sites("linear", "missed") == [], torchfx_eff.last_report()
     assert sqnr_ref(ref, out) >= 30.0
+
+
+def test_bloom_alibi_attention_is_one_site_a_layer_holding_its_bias_and_mask():
+    """BLOOM's eager attention: ALiBi added inside a baddbmm over (B·H, L, D), the scores viewed to (B, H, L, L) for
+    the causal mask and the softmax (passes/heads.py respells it over [B, H, L, D])."""
+    torch.manual_seed(0)
+    model, inputs = _auto_model("bloom")
+    with torch.no_grad(), count_calls(model) as counts:
+        ref = _main_output(model(**inputs))
+    with torch.no_grad(), found_sites() as found:
+        out = _main_output(compiled(model)(**inputs))
+    attention = [s for s in found if isinstance(s, torchfx_eff.passes.AttentionSite)]
+    assert counts["softmax"] == model.config.n_layer and len(attention) == counts["softmax"], torchfx_eff.last_report()
+    assert all(s.op == "eager" and len(s.mask) == 2 for s in attention)  # the ALiBi bias and the causal mask
+    assert sites("attention", "missed") == []
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bloom_under_dynamic_shapes_reports_its_run_time_score_scale():
+    """With dynamic=True Dynamo makes BLOOM's float scale (inv_norm_factor) a SymFloat: a site needs a constant
+    scale, so the attention is missed, naming the run-time value; the outputs still match."""
+    torch.manual_seed(0)
+    model, inputs = _auto_model("bloom")
+    c = torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(inner="eager")), dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_main_output(c(**inputs)), _main_output(model(**inputs)), rtol=1e-5, atol=1e-5)
+    missed = sites("attention", "missed")
+    assert len(missed) == model.config.n_layer and all("known only at run time" in m.reason for m in missed)

@@ -25,12 +25,8 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
         elif why := mha.unspelled(node):
             yield Miss("attention", node, node.target.__name__, location(node), f"torch's fused attention call is "
                        f"not spelled out as linear + SDPA + linear: {why}")
-        elif _is_softmax(node) and _near(node, "down", 4, _is_matmul):
-            if _near(node, "up", 10, _is_matmul):
-                yield _eager_site(node)
-            elif _near(node, "up", 10, _is_baddbmm):
-                yield Miss("attention", node, "eager", location(node), "eager attention not taken: its scores come "
-                           "from baddbmm (a bias added inside the score product, as BLOOM's ALiBi)")
+        elif _is_softmax(node) and _near(node, "down", 4, _is_matmul) and _near(node, "up", 10, _is_matmul):
+            yield _eager_site(node)  # (baddbmm scores are bmm + bias by now: passes/heads.py)
 
 
 def _unrepeat(node) -> tuple[fx.Node, int, list[fx.Node]] | None:
@@ -198,6 +194,9 @@ def _fold_scores(path: list[fx.Node]) -> dict | str:
     for n in path:
         if _is_cast(n):
             continue
+        if (factor := runtime_factor(n)) is not None:
+            return (f"the scores are scaled by {factor.name}, a number known only at run time (under dynamic shapes "
+                    "Dynamo makes a module's float attribute symbolic)")
         if masked and (_is_scale(n) or _is_tanh(n)):
             return f"{masked} before the {'scale' if _is_scale(n) else 'softcap (tanh)'}"
         if _is_scale(n) and post is None:
@@ -250,6 +249,14 @@ def _is_identity_after_softmax(n: fx.Node) -> bool:
     return False
 
 
+def runtime_factor(n: fx.Node) -> fx.Node | None:
+    """The factor of a product or quotient (SCALES) by a number held in a graph node (a SymFloat), else None."""
+    if n.op not in ("call_function", "call_method") or n.target not in SCALES or len(n.args) != 2 or n.kwargs:
+        return None
+    numbers = [a for a in n.args if isinstance(a, fx.Node) and isinstance(a.meta.get("example_value"), (torch.SymFloat, torch.SymInt, float, int))]
+    return numbers[0] if len(numbers) == 1 and not (SCALES[n.target] and n.args[0] is numbers[0]) else None
+
+
 def _scaled_operand(n: fx.Node) -> tuple[fx.Node, float] | None:
     """(tensor, factor) of `tensor * number`, `number * tensor` or `tensor / number` (factor 1/number); else None."""
     a, b = n.args[:2] if len(n.args) >= 2 else (None, None)
@@ -265,6 +272,8 @@ def _scores_operand(n: fx.Node, depth: int = 16):
     add's inputs it is the one that leads up to a matmul through such ops (the other is the mask)."""
     if _is_cast(n) or _is_tanh(n):
         return n.args[0]
+    if (factor := runtime_factor(n)) is not None:  # passed, for _fold_scores to refuse by name
+        return next(a for a in n.args if a is not factor)
     if _is_scale(n):
         return _scaled_operand(n)[0]
     if _is_fill(n):
@@ -361,10 +370,6 @@ def _is_softmax(n: fx.Node) -> bool:
 
 def _is_matmul(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in MATMULS
-
-
-def _is_baddbmm(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target is torch.baddbmm) or (n.op == "call_method" and n.target == "baddbmm")
 
 
 def _near(node: fx.Node, direction: str, depth: int, pred) -> bool:

@@ -7,7 +7,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import mha
+from . import heads, mha
 from .graph import GraphInfo, bind, fake
 
 # Aliases Dynamo may leave in a graph -> the one target matchers look for.
@@ -29,9 +29,10 @@ def normalize(info: GraphInfo) -> int:
     """Rewrite aliases in place, then linears spelled otherwise as F.linear or matmul: x times a transposed 2-D
     parameter (Falcon's `x @ self.weight.T`), a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`,
     then transposed back), einsum("...k,kn->...n") or ("...k,nk->...n") with a parameter, tensordot(x, W, dims=1).
-    torch's multi-head attention calls are spelled out first (passes/mha.py). Returns how many nodes changed."""
+    torch's multi-head attention calls are spelled out first (passes/mha.py), and eager attention over heads merged into
+    the batch respelled over [B, H, ...] (passes/heads.py). Returns how many nodes changed."""
     gm = info.gm
-    changed = mha.decompose(gm)
+    changed = mha.decompose(gm) + heads.unmerge(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
             target = CANONICAL_FUNCTIONS[node.target]
