@@ -323,8 +323,15 @@ def _bloom(m, q, k, v, mask, **x):  # BLOOM: baddbmm over (B·H, L, D), viewed t
     return torch.bmm(m.drop(probs).view(B * H, L, -1), v3).view(B, H, L, D)
 
 
+def _gpt2_upcast(m, q, k, v, mask, **x):  # GPT-2's reorder_and_upcast_attn: baddbmm into an ignored buffer (beta 0)
+    scores = torch.empty(B * H, L, L)
+    scores = torch.baddbmm(scores, q.reshape(-1, L, D).float(), k.transpose(-1, -2).reshape(-1, D, L), beta=0, alpha=S)
+    return torch.matmul(F.softmax(scores.reshape(B, H, L, L) + mask, dim=-1).type(v.dtype), v)
+
+
 # name -> (spelling, key length, what the site must hold)
 TAKEN = {
+    "gpt2_upcast": (_gpt2_upcast, L, {"scale": S, "masks": 1}),
     "baddbmm_3d": (_baddbmm_3d, L, {"scale": S, "masks": 1, "H": B * H, "rewritten": False}),
     "bloom_merged_heads": (_bloom, L, {"scale": S, "masks": 2}),
     "matmul_transpose": (lambda m, q, k, v, **x: torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * S, dim=-1) @ v,

@@ -2,9 +2,10 @@
 - Scores from baddbmm(bias, q, kᵀ, beta=, alpha=) (a bias added inside the score product) become
   bmm(q, kᵀ) * alpha + bias * beta.
 - BLOOM computes its scores over [B·H, L, D], views them as [B, H, Lq, Lk] to add its [B, 1, Lq, Lk] mask and take
-  the softmax, and views the probabilities back to [B·H, Lq, Lk] for the product with v. Unflattening q, kᵀ, v and
-  the score terms to [B, H, ...] leaves one 4-D chain from the scores to the output (flattened back to
-  [B·H, Lq, D] once), every mask term in one shape.
+  the softmax, and views the probabilities back to [B·H, Lq, Lk] for the product with v (GPT-2's upcast path
+  multiplies them with v over [B, H, ...] as they are). Unflattening q, kᵀ, v and the score terms to [B, H, ...]
+  leaves one 4-D chain from the scores to the output (flattened back to [B·H, Lq, D] once), every mask term in one
+  shape.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def _baddbmm_as_sum(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _merged(softmax: fx.Node):
-    """(scores, the nodes from the scores to the split view, the split view, the heads, the merge view, the product
-    with v) of a merged-heads attention around softmax, or None."""
+    """(scores, the nodes from the scores to the split view, the split view, the heads, the merge view (None where
+    the product with v is over [B, H, ...] already), the product with v) of a merged-heads attention around softmax,
+    or None."""
     path, split, x = [], None, softmax.args[0] if softmax.args else None
     while isinstance(x, fx.Node) and not _is_product(x):
         if len(x.users) != 1:
@@ -76,10 +78,13 @@ def _merged(softmax: fx.Node):
     while len(out.users) == 1 and _is_identity_after_softmax(next(iter(out.users))):
         out = next(iter(out.users))
     merge = next(iter(out.users)) if len(out.users) == 1 else None
-    if merge is None or not _is_view(merge) or len(merge.users) != 1 or not _splits(merge, back=True):
-        return None
-    pv = next(iter(merge.users))
-    if not _is_product(pv) or len(pv.args) != 2 or pv.args[0] is not merge or _dims(pv.args[1]) != 3:
+    if merge is not None and _is_product(merge) and merge.args[0] is out and _dims(merge.args[1]) == 4:
+        merge, pv = None, merge  # GPT-2's upcast path: the product with v over [B, H, ...] already
+    elif merge is not None and _is_view(merge) and len(merge.users) == 1 and _splits(merge, back=True):
+        pv = next(iter(merge.users))
+        if not _is_product(pv) or pv.args[0] is not merge or _dims(pv.args[1]) != 3:
+            return None
+    else:
         return None
     heads = fake(split).shape[1]
     if not isinstance(heads, int) or any(_term_refusal(n, heads) for n in path):
@@ -101,15 +106,19 @@ def _respell(gm: fx.GraphModule, scores, path, split, heads: int, merge, pv) -> 
     scores.args = (unflatten(q, scores), unflatten(k, scores))
     for n in path:
         n.args = tuple(unflatten(t, n) if t is not carried[n] and _leading(t, heads) else t for t in n.args)
-    for view in (split, merge):
-        view.replace_all_uses_with(view.args[0])
-        graph.erase_node(view)
-    p, v = pv.args
-    pv.op, pv.target, pv.args, pv.kwargs = "call_function", torch.matmul, (p, unflatten(v, pv)), {}
-    with graph.inserting_after(pv):
-        flat = graph.call_method("flatten", (pv, 0, 1))
-    pv.replace_all_uses_with(flat, delete_user_cb=lambda user: user is not flat)
-    changed, mode = {*new, scores, *path, pv, flat}, fake(scores).fake_mode
+    split.replace_all_uses_with(split.args[0])
+    graph.erase_node(split)
+    changed = {scores, *path}
+    if merge is not None:
+        merge.replace_all_uses_with(merge.args[0])
+        graph.erase_node(merge)
+        p, v = pv.args
+        pv.op, pv.target, pv.args, pv.kwargs = "call_function", torch.matmul, (p, unflatten(v, pv)), {}
+        with graph.inserting_after(pv):
+            flat = graph.call_method("flatten", (pv, 0, 1))
+        pv.replace_all_uses_with(flat, delete_user_cb=lambda user: user is not flat)
+        changed |= {pv, flat}
+    changed, mode = changed | set(new), fake(scores).fake_mode
     for n in graph.nodes:  # in graph order, so each one's inputs have values
         if n in changed:
             n.meta.setdefault("stack_trace", pv.meta.get("stack_trace"))
