@@ -125,6 +125,22 @@ def test_eager_attention_is_matched_again_at_a_second_length():
         assert _is_symbolic(s.dims["Lq"]) and _is_symbolic(s.dims["Lk"])
 
 
+def test_eager_attention_under_dynamic_true_takes_its_run_time_scale_on_q():
+    """dynamic=True from the start makes the eager attention's float `scaling` a SymFloat: the scores' factor moves
+    onto q (passes/heads.py), so every call is a site with scale 1 and symbolic lengths."""
+    model = make_model("llama", SMALL, torch.float32, attn="eager")
+    cm = torch.compile(model, backend=torchfx_eff.backend(torchfx_eff.Config(inner="eager")), dynamic=True)
+    with torch.no_grad(), count_calls(model) as counts:
+        model(torch.randint(0, 128, (1, 4)))
+    with torch.no_grad():
+        for length in (4, 7):
+            ids = torch.randint(0, 128, (1, length))
+            torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    attention = matched("attention")
+    assert sites("attention", "missed") == [] and len(attention) == counts["softmax"]
+    assert all(_is_symbolic(s.dims["Lq"]) for s in attention)
+
+
 class _EinsumMaskedFill(torch.nn.Module):
     """Causal self-attention spelled with einsum and masked_fill(finfo.min), the mask built from the length."""
 

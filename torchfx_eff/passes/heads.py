@@ -1,6 +1,9 @@
 """Eager attention over heads merged into the batch, respelled so the eager-attention matcher takes it.
 - Scores from baddbmm(bias, q, kᵀ, beta=, alpha=) (a bias added inside the score product) become
   bmm(q, kᵀ) * alpha + bias * beta.
+- Scores multiplied or divided by a number known only at run time (a SymFloat: under dynamic shapes Dynamo makes a
+  module's float attribute, such as an eager attention's `scaling`, symbolic) take that factor on q instead, since
+  a site's scale must be a constant.
 - BLOOM computes its scores over [B·H, L, D], views them as [B, H, Lq, Lk] to add its [B, 1, Lq, Lk] mask and take
   the softmax, and views the probabilities back to [B·H, Lq, Lk] for the product with v (GPT-2's upcast path
   multiplies them with v over [B, H, ...] as they are). Unflattening q, kᵀ, v and the score terms to [B, H, ...]
@@ -15,7 +18,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .attention import _is_add, _is_identity_after_softmax, _is_softmax, _near, _scores_operand
+from .attention import _is_add, _is_identity_after_softmax, _is_softmax, _near, _scores_operand, runtime_factor
 from .graph import bind, call, fake, sym
 
 VIEWS = ("view", "reshape")
@@ -29,6 +32,10 @@ def unmerge(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if _is_baddbmm(node) and fake(node) is not None and _near(node, "down", 10, _is_softmax):
             _baddbmm_as_sum(gm, node)
+            done += 1
+    for node in list(gm.graph.nodes):
+        if (factor := runtime_factor(node)) is not None and _scales_scores(node, factor):
+            _scale_onto_q(gm, node, factor)
             done += 1
     for node in list(gm.graph.nodes):
         if _is_softmax(node) and (found := _merged(node)) is not None:
@@ -52,6 +59,28 @@ def _baddbmm_as_sum(gm: fx.GraphModule, node: fx.Node) -> None:
             with mode:
                 n.meta["example_value"] = call(n, lambda m: m.meta.get("example_value"))
     node.replace_all_uses_with(total)
+    graph.erase_node(node)
+
+
+def _scales_scores(node: fx.Node, factor: fx.Node) -> bool:
+    """Whether node scales a score product (its only user) on the way to a softmax."""
+    p = next(a for a in node.args if a is not factor)
+    return (isinstance(p, fx.Node) and _is_product(p) and len(p.users) == 1 and node.args[0] is p
+            and _near(node, "down", 8, _is_softmax))
+
+
+def _scale_onto_q(gm: fx.GraphModule, node: fx.Node, factor: fx.Node) -> None:
+    """(q @ kᵀ) * f -> (q * f) @ kᵀ, and / f likewise."""
+    product, graph = node.args[0], gm.graph
+    node.prepend(product)  # after f, wherever f is computed (its only user is node)
+    with graph.inserting_before(product):
+        q = graph.call_function(node.target if node.op == "call_function" else getattr(torch, node.target),
+                                (product.args[0], factor))
+    q.meta["stack_trace"] = node.meta.get("stack_trace")
+    with fake(product).fake_mode:
+        q.meta["example_value"] = call(q, lambda m: m.meta.get("example_value"))
+    product.args = (q, product.args[1])
+    node.replace_all_uses_with(product)
     graph.erase_node(node)
 
 
