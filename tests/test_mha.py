@@ -28,6 +28,10 @@ class SelfAttention(torch.nn.Module):
         return (out, weights) if self.return_weights else out
 
 
+def _batch_first():
+    return SelfAttention(batch_first=True, need_weights=False)
+
+
 class CrossAttention(SelfAttention):
     """x attending to a memory of Lk = L + 2 positions (keys and values one tensor, or two)."""
 
@@ -108,7 +112,7 @@ CASES = {  # name: (model, mask kind, autograd on)
     "mha key padding and mask, float": (lambda: SelfAttention(need_weights=False), "float pad", True),
     "mha key padding and mask, bool": (lambda: SelfAttention(), "bool pad", True),
     "mha key padding, causal hint": (lambda: SelfAttention(need_weights=False, is_causal=True), "bool pad", True),
-    "mha batch-first, no_grad": (lambda: SelfAttention(batch_first=True, need_weights=False), "none", False),
+    "mha batch-first, no_grad": (_batch_first, "none", False),
     "encoder post-norm relu fast path": (lambda: _encoder(), "none", False),
     "encoder pre-norm gelu fast path": (lambda: _encoder(True, "gelu"), "none", False),
     "encoder with autograd": (lambda: _encoder(True, "gelu"), "none", True),
@@ -117,9 +121,9 @@ CASES = {  # name: (model, mask kind, autograd on)
     "cross-attention, mask and key padding": (lambda: CrossAttention(), "cross bool pad", False),
     "cross-attention, separate projection weights": (lambda: CrossAttention(kdim=24, vdim=16), "float pad", True),
     "mha mask per head": (lambda: SelfAttention(need_weights=False), "per head", True),
-    "mha batch-first, no_grad, key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "pad", False),
-    "mha batch-first, no_grad, float mask": (lambda: SelfAttention(batch_first=True, need_weights=False), "random", False),
-    "mha batch-first, no_grad, bool mask and key padding": (lambda: SelfAttention(batch_first=True, need_weights=False), "bool pad", False),
+    "mha batch-first, no_grad, key padding": (_batch_first, "pad", False),
+    "mha batch-first, no_grad, float mask": (_batch_first, "random", False),
+    "mha batch-first, no_grad, bool mask and key padding": (_batch_first, "bool pad", False),
     "encoder fast path, key padding": (lambda: Encoder(), "pad", False),
     "encoder fast path, causal mask": (lambda: Encoder(is_causal=True), "float", False),
     "encoder fast path, mask and key padding": (lambda: Encoder(True, "gelu"), "bool pad", False),

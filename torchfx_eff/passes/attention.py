@@ -253,7 +253,8 @@ def runtime_factor(n: fx.Node) -> fx.Node | None:
     """The factor of a product or quotient (SCALES) by a number held in a graph node (a SymFloat), else None."""
     if n.op not in ("call_function", "call_method") or n.target not in SCALES or len(n.args) != 2 or n.kwargs:
         return None
-    numbers = [a for a in n.args if isinstance(a, fx.Node) and isinstance(a.meta.get("example_value"), (torch.SymFloat, torch.SymInt, float, int))]
+    numbers = [a for a in n.args if isinstance(a, fx.Node)
+               and isinstance(a.meta.get("example_value"), (torch.SymFloat, torch.SymInt, float, int))]
     return numbers[0] if len(numbers) == 1 and not (SCALES[n.target] and n.args[0] is numbers[0]) else None
 
 

@@ -1,4 +1,4 @@
-"""Eager attention over heads merged into the batch, respelled so the eager-attention matcher takes it.
+"""Eager attention respelled so that the eager-attention matcher takes it:
 - Scores from baddbmm(bias, q, kᵀ, beta=, alpha=) (a bias added inside the score product) become
   bmm(q, kᵀ) * alpha + bias * beta.
 - Scores multiplied or divided by a number known only at run time (a SymFloat: under dynamic shapes Dynamo makes a
@@ -26,8 +26,9 @@ BADDBMM_ARGS = ("input", "batch1", "batch2", "beta", "alpha")
 BMM = (torch.bmm, torch.matmul, operator.matmul)
 
 
-def unmerge(gm: fx.GraphModule) -> int:
-    """Respell each baddbmm score product and each merged-heads attention in gm. Returns how many."""
+def respell(gm: fx.GraphModule) -> int:
+    """Respell each baddbmm score product, run-time score factor and merged-heads attention in gm. Returns how
+    many."""
     done = 0
     for node in list(gm.graph.nodes):
         if _is_baddbmm(node) and fake(node) is not None and _near(node, "down", 10, _is_softmax):
@@ -116,7 +117,7 @@ def _merged(softmax: fx.Node):
     else:
         return None
     heads = fake(split).shape[1]
-    if not isinstance(heads, int) or any(_term_refusal(n, heads) for n in path):
+    if not isinstance(heads, int) or not all(_broadcasts(t, heads) for n in path for t in n.all_input_nodes):
         return None
     return x, path, split, heads, merge, pv
 
@@ -170,20 +171,18 @@ def _reaches_product(n, depth: int) -> bool:
     return isinstance(n, fx.Node) and _is_product(n)
 
 
-def _term_refusal(n: fx.Node, heads: int) -> str | None:
-    """Why an op between the scores and the split view cannot be respelled over [B, H, ...]: each tensor operand
-    broadcasts against [B·H, Lq, Lk] with its first dim 1 (kept) or B·H (unflattened)."""
-    for t in n.all_input_nodes:
-        f = fake(t)
-        if f is not None and f.dim() == 3 and not (_leading(t, heads) or sym(f.shape[0]) == 1) or f is not None and f.dim() > 3:
-            return f"{t.name} is not [B·H, ...] or broadcast"
-    return None
+def _broadcasts(t: fx.Node, heads: int) -> bool:
+    """Whether an operand of an op between the scores and the split view stays right over [B, H, ...]: no tensor,
+    fewer than 3 dims, or 3 with the first 1 (kept) or B·H (unflattened)."""
+    f = fake(t)
+    return f is None or f.dim() < 3 or f.dim() == 3 and (sym(f.shape[0]) == 1 or _leading(t, heads))
 
 
 def _leading(t, heads: int) -> bool:
     """Whether t is a 3-D tensor whose first dim is the merged B·H (a multiple of heads)."""
     f = fake(t)
-    return isinstance(t, fx.Node) and f is not None and f.dim() == 3 and sympy.simplify(sym(f.shape[0]) / heads).is_integer is True
+    return (isinstance(t, fx.Node) and f is not None and f.dim() == 3
+            and sympy.simplify(sym(f.shape[0]) / heads).is_integer is True)
 
 
 def _splits(view: fx.Node, back: bool = False) -> bool:

@@ -162,6 +162,7 @@ def _by_role(masks: dict, mask, dtype) -> dict:
 
 SPELLINGS = {F.multi_head_attention_forward: _mha, torch._transformer_encoder_layer_fwd: _encoder_layer}
 FAILED = "torchfx_eff_mha_failed"  # node.meta key: why _inline gave up on it
+SOURCE_META = ("stack_trace", "nn_module_stack", "source_fn_stack")  # the call's, given to its spelling
 
 
 def _first_two_sizes(x: fx.Node) -> list:
@@ -200,7 +201,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, spelled) -> bool:
             out = spelled({k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in args.items()}).node
         for n in graph.nodes:
             if n not in before:  # in graph order, so each one's inputs have values
-                n.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+                n.meta.update({k: v for k, v in node.meta.items() if k in SOURCE_META})
                 with fake_mode:
                     values[n] = n.meta["example_value"] = call(n, lambda m: values.get(m, m.meta.get("example_value")))
     except Exception as e:  # e.g. an op the fake tensors refuse

@@ -29,10 +29,11 @@ def normalize(info: GraphInfo) -> int:
     """Rewrite aliases in place, then linears spelled otherwise as F.linear or matmul: x times a transposed 2-D
     parameter (Falcon's `x @ self.weight.T`), a parameter times a transposed x (Mamba's `weight @ x.transpose(1, 2)`,
     then transposed back), einsum("...k,kn->...n") or ("...k,nk->...n") with a parameter, tensordot(x, W, dims=1).
-    torch's multi-head attention calls are spelled out first (passes/mha.py), and eager attention over heads merged into
-    the batch respelled over [B, H, ...] (passes/heads.py). Returns how many nodes changed."""
+    torch's multi-head attention calls are spelled out first (passes/mha.py), and eager attention's baddbmm scores,
+    run-time score factors and heads merged into the batch respelled (passes/heads.py). Returns how many nodes
+    changed."""
     gm = info.gm
-    changed = mha.decompose(gm) + heads.unmerge(gm)
+    changed = mha.decompose(gm) + heads.respell(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in CANONICAL_FUNCTIONS:
             target = CANONICAL_FUNCTIONS[node.target]
