@@ -84,10 +84,11 @@ class GraphInfo:
 
     def name(self, node: fx.Node) -> str:
         """What names a parameter() argument in every graph that reads it: its graph input or attribute name, with the
-        index of a stack's matrix."""
+        index of a stack's matrix or the bounds of a slice."""
         if node.op == "call_function" and node.target is operator.getitem:
             i = node.args[1]
-            return f"{self.name(node.args[0])}[{f'{i.start or 0}:{i.stop}' if isinstance(i, slice) else i}]"
+            index = ":".join("" if b is None else str(b) for b in (i.start, i.stop)) if isinstance(i, slice) else i
+            return f"{self.name(node.args[0])}[{index}]"
         return str(node.target)
 
     @property
