@@ -260,6 +260,16 @@ def test_graph_break_gives_two_graphs_each_matched():
     assert sqnr_ref(ref, out) >= 20.0
 
 
+def test_a_graph_without_inputs_runs_under_inductor():
+    """Dynamo calls a graph of no inputs (transformers' flex-attention mask building resumes in one) with no
+    arguments, boxed convention or not."""
+    def constant():
+        return torch.arange(6.0).view(2, 3) @ torch.ones(3, 2)
+
+    out = torch.compile(constant, backend=torchfx_eff.backend(torchfx_eff.Config(inner="inductor")))()
+    torch.testing.assert_close(out, constant())
+
+
 def test_inductor_inner_compile_with_int8_rewrite():
     """The one test on the default inner compiler: Inductor must accept the rewritten graph (custom op +
     packed buffers) and compute what the rewrite computes."""

@@ -463,7 +463,7 @@ def _guard_packed_weights(compiled, original: fx.GraphModule, packed, graph_id: 
     state = {"stale": False}
 
     def run(*args):
-        inputs = args[0] if boxed else args
+        inputs = (args[0] if args else []) if boxed else args  # a graph of no inputs is called with none
         if not state["stale"] and any(t._version != v for t, v in packed):
             state["stale"] = True
             why = "parameters changed after compile; running the unoptimized graph (recompile to re-optimize)"

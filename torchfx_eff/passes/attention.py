@@ -14,6 +14,7 @@ from .graph import GraphInfo, bind, fake, hints_of, location, numel, sym
 from .sites import AttentionSite, Miss
 
 SDPA = torch._C._nn.scaled_dot_product_attention
+FLEX = torch.ops.higher_order.flex_attention
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 MATMULS = (torch.matmul, operator.matmul, torch.bmm, torch.einsum)  # `@` is operator.matmul until normalized
 
@@ -22,6 +23,9 @@ def match(info: GraphInfo) -> Iterator[AttentionSite | Miss]:
     for node in info.gm.graph.nodes:
         if node.op == "call_function" and node.target is SDPA:
             yield _sdpa_site(node)
+        elif node.op == "call_function" and node.target is FLEX:
+            yield Miss("attention", node, "flex_attention", location(node), "flex_attention (its score_mod and mask as "
+                       "functions) has no candidate: it runs as the inner compiler compiles it")
         elif why := mha.unspelled(node):
             yield Miss("attention", node, node.target.__name__, location(node), f"torch's fused attention call is "
                        f"not spelled out as linear + SDPA + linear: {why}")
