@@ -154,9 +154,30 @@ def test_torch_attention_is_spelled_as_linear_sdpa_linear_computing_the_same(nam
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("masks", ["none", "float mask and key padding", "bool key padding", "per head"])
+def test_attention_weights_used_are_spelled_beside_the_output(masks, average):
+    """Returned attention weights: the softmax spelled out (F.mha's explicit path), the output and the weights both
+    what the module returns; the projections are linear sites, the attention a miss that says why."""
+    torch.manual_seed(0)
+    model = _random_biases(SelfAttention(return_weights=True, average_attn_weights=average).eval())
+    x = torch.randn(L, B, E)
+    mask = {"none": None, "per head": _mask("per head"), "bool key padding": None}.get(masks, _mask("random"))
+    pad = _pad(torch.float32) if masks == "float mask and key padding" else _pad() if "padding" in masks else None
+    ref = model(x, mask, pad)
+    out, before, after = _spelled(model, (x, mask, pad), grad=True)
+    assert F.multi_head_attention_forward in before and not any(t in OPAQUE for t in after)
+    assert after.count(F.linear) == 2 and F.scaled_dot_product_attention not in after
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+    with torch.no_grad():
+        compiled(model)(x, mask, pad)
+    assert len(matched("linear")) == 2
+    (miss,) = sites("attention")
+    assert miss.status == "missed" and "softmax output is not consumed by one matmul" in miss.reason
+
+
 LEFT_WHOLE = {  # forms the spelling does not cover: (model, call args) -> still one call, still the module's value
     "add_zero_attn": (lambda: SelfAttention(add_zero_attn=True, need_weights=False), lambda x: (x,)),
-    "attention weights returned": (lambda: SelfAttention(return_weights=True), lambda x: (x,)),
     "bias_k and bias_v": (lambda: SelfAttention(add_bias_kv=True, need_weights=False), lambda x: (x,)),
 }
 
@@ -175,8 +196,7 @@ def test_forms_the_spelling_does_not_cover_stay_one_call(name):
     assert miss.status == "missed" and REASONS[name] in miss.reason
 
 
-REASONS = {"add_zero_attn": "add_zero_attn is set", "attention weights returned": "attention weights are used",
-           "bias_k and bias_v": "bias_k is given"}
+REASONS = {"add_zero_attn": "add_zero_attn is set", "bias_k and bias_v": "bias_k is given"}
 
 
 def test_encoder_layers_fast_path_through_the_backend_rewrites_their_linears_and_attention():

@@ -4,8 +4,8 @@ so that the linear and attention matchers see them. Under Dynamo nn.MultiheadAtt
 F.multi_head_attention_forward (its native fast path is not taken), and nn.TransformerEncoderLayer under no_grad calls
 its fast path, torch._transformer_encoder_layer_fwd, with the masks merged (nn.MultiheadAttention.merge_masks).
 Attention with a mask ([L, Lk] or one per head) and a key padding is spelled, with packed or separate projection
-weights; other forms (bias_k/v, add_zero_attn, the attention weights used, ...) stay one call, and unspelled() says
-why."""
+weights, and where its attention weights are used the softmax is spelled out beside them; other forms (bias_k/v,
+add_zero_attn, ...) stay one call, and unspelled() says why."""
 from __future__ import annotations
 
 import operator
@@ -40,16 +40,25 @@ def packed_projections(query, key, value, w, b, embed_dim: int):
     return q, F.linear(key, rows(w, 1, 1), rows(b, 1, 1)), F.linear(value, rows(w, 2, 1), rows(b, 2, 1))
 
 
-def attention(q, k, v, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None):
+def attention(q, k, v, out_w, out_b, heads: int, mask=None, pad=None, is_causal: bool = False, dtype=None,
+              weights: tuple[bool, float] | None = None):
     """Projected q [B, L, E], k and v [B, Lk, E] split into heads, SDPA, the output projection. mask ([L, Lk], or
     [B, H, L, Lk]) and the key padding pad [B, Lk] are added to the scores as nn.MultiheadAttention takes them: float,
-    or bool with True where not attended (-inf in dtype)."""
-    by_head = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, H, L, D]
+    or bool with True where not attended (-inf in dtype). weights (averaged over heads, q's scale): the softmax
+    spelled out, and (output, its probabilities [B, L, Lk] averaged or [B, H, L, Lk]) returned, as F.mha's explicit
+    path computes them."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     mask, pad = (_additive(m, dtype) for m in (mask, pad))
     if pad is not None:
         pad = pad[:, None, None, :]
         mask = pad if mask is None else mask + pad
-    out = F.scaled_dot_product_attention(by_head(q), by_head(k), by_head(v), attn_mask=mask, is_causal=is_causal)
+    if weights:
+        averaged, scale = weights
+        scores = (q * scale) @ k.transpose(-1, -2)
+        probs = (scores if mask is None else scores + mask).softmax(-1)
+        out = F.linear((probs @ v).transpose(1, 2).flatten(-2), out_w, out_b)
+        return out, probs.mean(1) if averaged else probs
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     return F.linear(out.transpose(1, 2).flatten(-2), out_w, out_b)
 
 
@@ -113,6 +122,8 @@ def _mha(node):
         return why
     as_bool = lambda m: fake(x).dtype if m is not None and fake(m).dtype == torch.bool else None
     E = fake(a["out_proj_weight"]).shape[1]
+    used = {u.args[1] for u in node.users}  # the getitems of (output, attention weights)
+    weights = (a.get("average_attn_weights", True), (E // heads) ** -0.5) if 1 in used else None
 
     def spelled(p):
         batch_first = {}  # one per tensor, so that the projections see which of query, key and value are one
@@ -128,8 +139,8 @@ def _mha(node):
         m = None if is_causal else p.get("attn_mask")
         m = m.unflatten(0, (-1, heads)) if m is not None and len(mask_shape) == 3 else m  # [B, H, L, Lk]
         out = attention(q, k, v, p["out_proj_weight"], p.get("out_proj_bias"), heads, m, p.get("key_padding_mask"),
-                        is_causal, as_bool(mask) or as_bool(pad))
-        return out.transpose(0, 1)
+                        is_causal, as_bool(mask) or as_bool(pad), weights)
+        return (out[0].transpose(0, 1), out[1]) if weights else out.transpose(0, 1)
     return a, spelled
 
 
@@ -176,8 +187,8 @@ def _refusal(node, query, key, value, masks: dict) -> str | None:
     if any(fake(t) is None or fake(t).dim() != 3 or fake(t).is_nested for t in (query, key, value)):
         return "its query, key or value is not a 3-D tensor"
     tuple_users = node.users if fake(node) is None else ()  # (output, attention weights)
-    if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in tuple_users):
-        return "its attention weights are used"
+    if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in tuple_users):
+        return "its (output, attention weights) tuple is used whole"
     given = {name: (m, shape) for name, (m, shape) in masks.items() if m is not None}
     for name, (m, shape) in given.items():
         t = fake(m)
@@ -198,7 +209,8 @@ def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, spelled) -> bool:
     values = {}
     try:
         with graph.inserting_before(node):
-            out = spelled({k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in args.items()}).node
+            out = spelled({k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v for k, v in args.items()})
+            out = tuple(o.node for o in out) if isinstance(out, tuple) else (out.node,)
         for n in graph.nodes:
             if n not in before:  # in graph order, so each one's inputs have values
                 n.meta.update({k: v for k, v in node.meta.items() if k in SOURCE_META})
@@ -209,9 +221,9 @@ def _inline(gm: fx.GraphModule, node: fx.Node, args: dict, spelled) -> bool:
             graph.erase_node(n)
         node.meta[FAILED] = f"spelling it failed: {type(e).__name__}: {e}"
         return False
-    for user in list(node.users) if fake(node) is None else []:  # (output, weights): the getitem(0)s
-        user.replace_all_uses_with(out)
+    for user in list(node.users) if fake(node) is None else []:  # (output, weights): their getitems
+        user.replace_all_uses_with(out[user.args[1]])
         graph.erase_node(user)
-    node.replace_all_uses_with(out)
+    node.replace_all_uses_with(out[0])
     graph.erase_node(node)
     return True
